@@ -1,0 +1,82 @@
+"""Test set-up: the real ComfyUI host (installed by scripts/setup.sh) and this pack.
+
+The pack is imported as a package named ``sd3_lora_trainer`` from a temporary ComfyUI
+base directory whose ``custom_nodes/`` holds a symlink to the repository, exactly as a
+user installs it. Nothing of the host is faked.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HOST_DIR = REPO_ROOT / ".host" / "ComfyUI"
+PACK_NAME = "sd3_lora_trainer"
+
+if not (HOST_DIR / "main.py").exists():
+    raise RuntimeError(f"ComfyUI host not found at {HOST_DIR}: run `bash scripts/setup.sh` first")
+
+# The host must be importable, and must run on the CPU (a CPU torch asserts otherwise).
+sys.path.insert(0, str(HOST_DIR))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# A stable package name for the repository (its folder name varies between clones).
+_PKG_DIR = REPO_ROOT / ".cache" / "pkg"
+_PKG_DIR.mkdir(parents=True, exist_ok=True)
+if not (_PKG_DIR / PACK_NAME).exists():
+    (_PKG_DIR / PACK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
+sys.path.insert(0, str(_PKG_DIR))
+import comfy.cli_args  # noqa: E402
+
+comfy.cli_args.args.cpu = True
+
+
+def make_base_dir(base: Path) -> Path:
+    """A ComfyUI base directory (models/, input/, output/, custom_nodes/) with this pack linked in."""
+    for sub in ("custom_nodes", "models/checkpoints", "models/loras", "models/vae", "models/text_encoders",
+                "models/diffusion_models", "input", "output", "temp", "user"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / PACK_NAME
+    if not link.exists():
+        link.symlink_to(REPO_ROOT, target_is_directory=True)
+    return base
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory) -> Path:
+    """One ComfyUI base directory shared by the whole test session."""
+    return make_base_dir(tmp_path_factory.mktemp("comfy_base"))
+
+
+@pytest.fixture(scope="session")
+def host(base_dir):
+    """The real host, imported in-process, with folder_paths pointed at ``base_dir``.
+
+    Returns the host's ``nodes`` module (stock node classes in NODE_CLASS_MAPPINGS,
+    this pack's registered beside them by the host's own custom-node loader).
+    """
+    import asyncio
+
+    import folder_paths
+
+    folder_paths.set_output_directory(str(base_dir / "output"))
+    folder_paths.set_input_directory(str(base_dir / "input"))
+    folder_paths.set_temp_directory(str(base_dir / "temp"))
+    for kind in ("checkpoints", "loras", "vae", "text_encoders", "diffusion_models"):
+        folder_paths.add_model_folder_path(kind, str(base_dir / "models" / kind), is_default=True)
+    sys.path.insert(0, str(base_dir / "custom_nodes"))
+    import nodes
+
+    folder_paths.folder_names_and_paths["custom_nodes"] = ([str(base_dir / "custom_nodes")], set())
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    return nodes
+
+
+@pytest.fixture(scope="session")
+def pack(host):
+    """This pack's package module, as the host's custom-node loader imported it."""
+    for module in list(sys.modules.values()):
+        f = getattr(module, "__file__", None)
+        if f and Path(f).resolve() == REPO_ROOT / "__init__.py" and hasattr(module, "NODE_CLASS_MAPPINGS"):
+            return module
+    raise RuntimeError("the host did not load this pack from custom_nodes")

@@ -1,0 +1,129 @@
+"""LoRA files: sd-scripts (kohya) layout, ``ss_*`` and ``modelspec.*`` metadata, safetensors."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+# sd-scripts' ss_base_model_version -> SAI model-spec architecture of a LoRA for it.
+ARCHITECTURES = {
+    "medium": "stable-diffusion-3-medium/lora",
+    "5-medium": "stable-diffusion-3-5-medium/lora",
+    "5-large": "stable-diffusion-3-5-large/lora",
+}
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
+
+
+def detect_variant(mmdit: nn.Module) -> str:
+    """sd-scripts' label for an MMDiT: qk_norm + attn2 -> 5-medium, qk_norm -> 5-large, else medium."""
+    names = [n for n, _ in mmdit.named_modules()]
+    qk_norm = any(n.endswith("attn.ln_q") for n in names)
+    attn2 = any(".attn2." in n or n.endswith(".attn2") for n in names)
+    if qk_norm and attn2:
+        return "5-medium"
+    return "5-large" if qk_norm else "medium"
+
+
+def weights_hash(tensors: Dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensor data as safetensors stores it (metadata excluded), as ``sshs_model_hash``."""
+    blob = safetensors.torch.save(tensors)
+    header_len = int.from_bytes(blob[:8], "little")
+    return hashlib.sha256(blob[8 + header_len:]).hexdigest()
+
+
+def build_metadata(config: TrainConfig, info: dict, step: int, output_name: str) -> Dict[str, str]:
+    """sd-scripts' ``ss_*`` keys for an SD3 LoRA and the ``modelspec.*`` keys, all as strings.
+
+    ``info`` holds session facts: variant, resolution, num_images, dataset_dirs, tag_frequency,
+    started_at (epoch seconds), session_id, model_name.
+    """
+    variant = info["variant"]
+    res = info["resolution"]
+    network_args = {}
+    meta = {
+        "ss_session_id": str(info.get("session_id", "")),
+        "ss_training_started_at": str(info.get("started_at", time.time())),
+        "ss_training_finished_at": str(time.time()),
+        "ss_output_name": output_name,
+        "ss_learning_rate": str(config.learning_rate),
+        "ss_unet_lr": str(config.learning_rate),
+        "ss_text_encoder_lr": "0",
+        "ss_network_train_unet_only": "True",
+        "ss_num_train_images": str(info["num_images"]),
+        "ss_num_reg_images": "0",
+        "ss_num_batches_per_epoch": str(-(-info["num_images"] // config.train_batch_size)),
+        "ss_num_epochs": str(-(-step * config.train_batch_size // max(1, info["num_images"]))),
+        "ss_epoch": str(-(-step * config.train_batch_size // max(1, info["num_images"]))),
+        "ss_steps": str(step),
+        "ss_max_train_steps": str(step),
+        "ss_batch_size_per_device": str(config.train_batch_size),
+        "ss_total_batch_size": str(config.train_batch_size),
+        "ss_gradient_accumulation_steps": "1",
+        "ss_gradient_checkpointing": "False",
+        "ss_lr_scheduler": "constant",
+        "ss_lr_warmup_steps": "0",
+        "ss_optimizer": f"torch.optim.AdamW(betas=({config.adam_beta1}, {config.adam_beta2}),"
+                        f"weight_decay={config.adam_weight_decay})",
+        "ss_max_grad_norm": str(config.max_grad_norm),
+        "ss_network_module": "networks.lora_sd3",
+        "ss_network_dim": str(config.network_dim),
+        "ss_network_alpha": str(config.network_alpha),
+        "ss_network_dropout": "None",
+        "ss_network_args": json.dumps(network_args),
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_full_fp16": "False",
+        "ss_full_bf16": "False",
+        "ss_fp8_base": "False",
+        "ss_seed": str(config.seed),
+        "ss_v2": "False",
+        "ss_base_model_version": variant,
+        "ss_sd_model_name": str(info.get("model_name", "")),
+        "ss_resolution": f"({res}, {res})",
+        "ss_enable_bucket": "False",
+        "ss_cache_latents": "True",
+        "ss_caption_dropout_rate": "0.0",
+        "ss_dataset_dirs": json.dumps(info.get("dataset_dirs", {})),
+        "ss_tag_frequency": json.dumps(info.get("tag_frequency", {})),
+        "ss_loss_type": "l2",
+        "ss_weighting_scheme": config.weighting_scheme,
+        "ss_logit_mean": str(config.logit_mean),
+        "ss_logit_std": str(config.logit_std),
+        "ss_mode_scale": str(config.mode_scale),
+        "ss_training_shift": str(config.training_shift),
+        "ss_apply_lg_attn_mask": "False",
+        "ss_apply_t5_attn_mask": "False",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": ARCHITECTURES[variant],
+        # The SD3 reference code; the model predicts rectified-flow velocity (not epsilon / v).
+        "modelspec.implementation": "https://github.com/Stability-AI/sd3.5",
+        "modelspec.prediction_type": "flow",
+        "modelspec.title": output_name,
+        "modelspec.resolution": f"{res}x{res}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()),
+    }
+    return meta
+
+
+def save_lora(path: str | os.PathLike, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str],
+              dtype: Optional[torch.dtype] = None) -> Path:
+    """Write ``tensors`` (cast to ``dtype``) with ``metadata`` and the weights hashes, atomically:
+    a failed write never leaves a truncated file under ``path``."""
+    path = Path(path)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    metadata = dict(metadata, sshs_model_hash=weights_hash(tensors))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path

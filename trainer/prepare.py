@@ -1,0 +1,41 @@
+"""Make a host-loaded model safe to train a LoRA on, without changing what it computes."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def freeze_base_model(module: nn.Module) -> None:
+    """Freeze every parameter and swap inference-mode tensors for ordinary copies.
+
+    A host may load weights under ``torch.inference_mode()``; autograd cannot save such
+    tensors for backward (SD3.5's ``ln_q``/``ln_k`` RMSNorm weights fail first). Only the
+    inference tensors are cloned, one at a time, so peak memory grows by one tensor.
+    Must be called outside inference mode.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("freeze_base_model must run outside torch.inference_mode()")
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            if p.is_inference():
+                mod._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
+            else:
+                p.requires_grad_(False)
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.is_inference():
+                mod._buffers[name] = b.clone()
+
+
+def model_signature(module: nn.Module, max_tensors: int = 4) -> str:
+    """Cheap identity of a model: parameter count, and the sums of a few of its tensors.
+
+    Two loads of the same checkpoint give the same signature; another checkpoint of the
+    same shape almost surely does not.
+    """
+    params = list(module.state_dict().items())
+    total = sum(t.numel() for _, t in params)
+    picks = params[:max_tensors // 2] + params[-(max_tensors // 2):]
+    sums = ",".join(f"{t.detach().float().sum().item():.6e}" for _, t in picks)
+    return f"{total}:{sums}"
