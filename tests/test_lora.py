@@ -104,3 +104,11 @@ def test_kohya_state_dict_layout():
 def test_network_rejects_rank_zero():
     with pytest.raises(ValueError, match="network_dim"):
         LoRANetwork.for_model(tiny_mmdit(depth=2), rank=0, alpha=1.0)
+
+
+@pytest.mark.parametrize("kw,label", [({}, "medium"), ({"qk_norm": True}, "5-large"),
+                                      ({"qk_norm": True, "attn2_layers": [0]}, "5-medium")])
+def test_detect_variant(kw, label):
+    from sd3_lora_trainer.trainer.lora_file import detect_variant
+
+    assert detect_variant(tiny_mmdit(depth=2, **kw)) == label

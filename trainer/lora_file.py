@@ -25,9 +25,10 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.flo
 
 def detect_variant(mmdit: nn.Module) -> str:
     """sd-scripts' label for an MMDiT: qk_norm + attn2 -> 5-medium, qk_norm -> 5-large, else medium."""
-    names = [n for n, _ in mmdit.named_modules()]
-    qk_norm = any(n.endswith("attn.ln_q") for n in names)
-    attn2 = any(".attn2." in n or n.endswith(".attn2") for n in names)
+    # Parameter names, not module names: a model without qk_norm may still hold an Identity ln_q.
+    names = [n for n, _ in mmdit.named_parameters()]
+    qk_norm = any(n.endswith("attn.ln_q.weight") for n in names)
+    attn2 = any(n.endswith("attn2.qkv.weight") for n in names)
     if qk_norm and attn2:
         return "5-medium"
     return "5-large" if qk_norm else "medium"

@@ -1,0 +1,49 @@
+"""Save node: write the LoRA in sd-scripts' layout with its metadata, and the loss history."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import folder_paths
+
+from ..trainer.lora_file import SAVE_DTYPES, build_metadata, save_lora
+from .common import CATEGORY, LORA
+
+
+class SD3LoraSave:
+    """Write ``<output_name>.safetensors`` (kohya names, ss_* / modelspec.* metadata) and
+    ``<output_name>.loss.json`` into ComfyUI's ``models/loras`` or ``output`` folder."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "lora": (LORA, {"tooltip": "The LoRA from the train node."}),
+            "output_name": ("STRING", {"default": "sd3_lora", "tooltip": "File name without extension "
+                                       "(--output_name); an existing file of that name is replaced."}),
+            "save_to": (["loras", "output"], {"default": "loras", "tooltip": "'loras' puts it where "
+                        "'Load LoRA' finds it; 'output' into ComfyUI's output folder."}),
+            "save_precision": (list(SAVE_DTYPES), {"default": "fp16", "tooltip": "dtype of the saved weights "
+                               "(--save_precision)."}),
+        }}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Saves the trained LoRA as a kohya-format .safetensors file."
+
+    def save(self, lora, output_name, save_to, save_precision):
+        name = output_name.strip()
+        if not name or not re.fullmatch(r"[\w.\- ]+", name) or name.startswith("."):
+            raise ValueError(f"output_name {output_name!r} is not a valid file name: use letters, digits, "
+                             f"'_', '-', '.' and spaces, e.g. my_sd3_lora")
+        folder = (folder_paths.get_folder_paths("loras")[0] if save_to == "loras"
+                  else folder_paths.get_output_directory())
+        path = os.path.join(folder, name + ".safetensors")
+        metadata = build_metadata(lora.config, lora.info, lora.step, name)
+        save_lora(path, lora.tensors, metadata, SAVE_DTYPES[save_precision])
+        with open(os.path.join(folder, name + ".loss.json"), "w", encoding="utf-8") as f:
+            json.dump({"step": lora.step, "loss": lora.losses}, f)
+        return {"ui": {"text": [path]}, "result": (path,)}

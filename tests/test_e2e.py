@@ -1,0 +1,88 @@
+"""End to end: each example workflow, converted with the real server's /object_info, queued on the
+real ComfyUI server with this pack in custom_nodes, on the tiny SD3-family fixtures."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import headless
+
+WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "example_workflows").glob("*.json"))
+# The tiny random model learns visibly faster at a higher rate than real SD3 weights want (1e-4).
+TINY_MODEL_OVERRIDES = ["SD3LoraSettings.learning_rate=0.001", "SD3LoraSave.save_precision=float"]
+
+
+def _overrides(ckpt: str, wf_name: str) -> list:
+    return [f"CheckpointLoaderSimple.ckpt_name={ckpt}", "SD3LoraImageFolder.folder=tiny_dataset",
+            f"SD3LoraSave.output_name=e2e_{wf_name}"] + TINY_MODEL_OVERRIDES
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return headless.get_object_info(comfy_server.url)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workflow_path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_example_workflow_trains_saves_and_previews(workflow_path, comfy_server, object_info, base_dir,
+                                                    sd35m_checkpoint, dataset_dir, host):
+    workflow = json.loads(workflow_path.read_text())
+    prompt = headless.apply_overrides(headless.editor_to_api(workflow, object_info),
+                                      _overrides(sd35m_checkpoint, workflow_path.stem), object_info)
+    train_id = next(k for k, v in prompt.items() if v["class_type"] == "SD3LoraTrain")
+    steps = prompt[train_id]["inputs"]["steps"]
+    events = []
+    entry = headless.run_prompt(comfy_server.url, prompt, on_event=lambda t, d: events.append((t, d)),
+                                timeout=900)
+    assert entry["status"]["status_str"] == "success"
+
+    # The host's progress bar moved once per step on the training node.
+    train_progress = [d["value"] for t, d in events if t == "progress" and str(d.get("node")) == train_id]
+    assert train_progress[-1] == steps and len(train_progress) >= steps // 2
+
+    # The LoRA file: kohya names, metadata, and every key mapped by the host's own LoRA key map.
+    lora_path = base_dir / "models" / "loras" / f"e2e_{workflow_path.stem}.safetensors"
+    assert lora_path.exists()
+    with safe_open(str(lora_path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+        tensors = {k: f.get_tensor(k) for k in keys}
+    assert meta["ss_base_model_version"] == "5-medium"
+    assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
+    assert meta["ss_steps"] == str(steps) and meta["ss_network_module"] == "networks.lora_sd3"
+    import comfy.lora
+    import comfy.sd
+
+    model = comfy.sd.load_checkpoint_guess_config(str(base_dir / "models" / "checkpoints" / sd35m_checkpoint),
+                                                  output_vae=False, output_clip=False)[0]
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}
+    assert modules and all(m in key_map for m in modules), sorted(m for m in modules if m not in key_map)[:5]
+    assert len(comfy.lora.load_lora(tensors, key_map)) == len(modules)  # the loader leaves no key unused
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_up" in k)  # it learned something
+
+    # The preview made by the stock KSampler from the training node's MODEL output.
+    images = [info for node, info in headless.output_files(entry) if prompt[node]["class_type"] == "SaveImage"]
+    assert images and all((base_dir / "output" / i["subfolder"] / i["filename"]).exists() for i in images)
+
+    # Loss history: on the fixed tiny dataset the last quarter's mean is below the first quarter's.
+    history = json.loads(lora_path.with_suffix(".loss.json").read_text())["loss"]
+    assert len(history) == steps
+    q = max(1, steps // 4)
+    assert sum(history[-q:]) / q < sum(history[:q]) / q
+
+
+@pytest.mark.slow
+def test_bad_dataset_folder_is_a_node_error_and_server_keeps_serving(comfy_server, object_info,
+                                                                      sd35m_checkpoint, dataset_dir):
+    workflow = json.loads(WORKFLOWS[0].read_text())
+    prompt = headless.apply_overrides(headless.editor_to_api(workflow, object_info),
+                                      _overrides(sd35m_checkpoint, "bad") + ["SD3LoraImageFolder.folder=no_such_dir"],
+                                      object_info)
+    with pytest.raises(headless.WorkflowError) as err:
+        headless.run_prompt(comfy_server.url, prompt, timeout=300)
+    assert "image folder not found" in str(err.value) and "no_such_dir" in str(err.value)
+    assert err.value.node_type == "SD3LoraImageFolder"
+    # The same server runs the next prompt.
+    assert "SD3LoraTrain" in headless.get_object_info(comfy_server.url)
