@@ -11,7 +11,7 @@ import comfy.model_management
 import comfy.sd
 
 from ..trainer.data import ImageCaption
-from ..trainer.state import EncodedData
+from ..trainer.batches import EncodedData
 
 log = logging.getLogger(__name__)
 

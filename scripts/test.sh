@@ -4,5 +4,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
-cd "$ROOT"
-exec "$ROOT/.venv/bin/python" -m pytest tests "$@"
+# Run from tests/ (its pytest.ini makes it the rootdir): the repository root is the ComfyUI pack
+# package itself, and pytest must not try to import its __init__.py as a test package.
+cd "$ROOT/tests"
+exec "$ROOT/.venv/bin/python" -m pytest "$@"

@@ -5,7 +5,8 @@ import torch
 from sd3_lora_trainer.trainer import flow
 from sd3_lora_trainer.trainer.config import TrainConfig
 from sd3_lora_trainer.trainer.loop import train
-from sd3_lora_trainer.trainer.state import EncodedData, build_network, new_train_state
+from sd3_lora_trainer.trainer.batches import EncodedData
+from sd3_lora_trainer.trainer.state import build_network, new_train_state
 from tiny_mmdit import tiny_mmdit
 
 

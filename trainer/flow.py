@@ -78,14 +78,23 @@ def loss_weighting(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
 
 
 def flow_loss(model_velocity: torch.Tensor, x_sigma: torch.Tensor, x0: torch.Tensor, sigmas: torch.Tensor,
-              weighting_scheme: str = "uniform") -> torch.Tensor:
+              weighting_scheme: str = "uniform", sample_weight: Optional[torch.Tensor] = None,
+              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x0-space loss (sd-scripts / diffusers ``precondition_outputs``): the model's velocity v̂ gives
     x̂0 = x_σ − σ·v̂, compared with x0; weighted per sample, mean over non-batch dims, then batch mean.
 
-    Shapes: model_velocity, x_sigma, x0 [B, C, H, W]; sigmas [B]. Returns a scalar (float32).
+    Shapes: model_velocity, x_sigma, x0 [B, C, H, W]; sigmas [B]; sample_weight [B] (e.g. the
+    prior-loss weight of regularisation images); mask [B, 1, H, W] in 0..1 (masked loss: the
+    element-wise error is multiplied by it, as sd-scripts' apply_masked_loss does).
+    Returns a scalar (float32).
     """
     s = sigmas.view(-1, *([1] * (x0.dim() - 1)))
     pred_x0 = x_sigma.float() - s.float() * model_velocity.float()
     weights = loss_weighting(weighting_scheme, sigmas).float().view_as(s)
-    per_sample = (weights * (pred_x0 - x0.float()) ** 2).flatten(1).mean(dim=1)
+    err = weights * (pred_x0 - x0.float()) ** 2
+    if mask is not None:
+        err = err * mask.float()
+    per_sample = err.flatten(1).mean(dim=1)
+    if sample_weight is not None:
+        per_sample = per_sample * sample_weight.float()
     return per_sample.mean()

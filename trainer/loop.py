@@ -8,7 +8,8 @@ from typing import Callable, Optional
 import torch
 
 from . import flow
-from .state import EncodedData, TrainState, next_batch
+from .batches import EncodedData
+from .state import TrainState, next_batch
 
 
 def training_step(mmdit: torch.nn.Module, data: EncodedData, state: TrainState,
@@ -18,8 +19,8 @@ def training_step(mmdit: torch.nn.Module, data: EncodedData, state: TrainState,
     ``mmdit`` must already carry the LoRA (``state.network.attach``) and be frozen otherwise.
     """
     cfg = state.config
-    idx = next_batch(state, len(data), cfg.train_batch_size)
-    x0 = data.latents[idx]
+    batch = next_batch(state, data, cfg.train_batch_size)
+    x0 = batch.latents
     device = x0.device
     # Noise and σ come from the session's own generator (on the CPU, so runs are reproducible
     # on any device and a continued session draws exactly what an uninterrupted one would).
@@ -32,8 +33,8 @@ def training_step(mmdit: torch.nn.Module, data: EncodedData, state: TrainState,
                 else contextlib.nullcontext())
     with autocast:
         velocity = mmdit(x_sigma.to(compute_dtype), (sigmas * 1000).to(compute_dtype),
-                         context=data.context[idx].to(compute_dtype), y=data.pooled[idx].to(compute_dtype))
-    loss = flow.flow_loss(velocity, x_sigma, x0, sigmas, cfg.weighting_scheme)
+                         context=batch.context.to(compute_dtype), y=batch.pooled.to(compute_dtype))
+    loss = flow.flow_loss(velocity, x_sigma, x0, sigmas, cfg.weighting_scheme, batch.loss_weight, batch.mask)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss became {loss.item()} at step {state.step + 1}; "
                                  f"lower learning_rate or use mixed_precision 'no'")

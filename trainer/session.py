@@ -8,7 +8,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .state import EncodedData, TrainState
+from .batches import EncodedData
+from .state import TrainState
 
 MAX_SESSIONS = 4  # each holds its LoRA, optimiser state and encoded data; keep memory bounded
 

@@ -11,25 +11,6 @@ from .lora import LoRANetwork
 
 
 @dataclass
-class EncodedData:
-    """Inputs computed once per session: VAE latents (already scaled/shifted into the model's
-    space) and text-encoder outputs. latents [N, 16, h, w]; context [N, L, 4096]; pooled [N, 2048]."""
-
-    latents: torch.Tensor
-    context: torch.Tensor
-    pooled: torch.Tensor
-
-    def __post_init__(self):
-        n = self.latents.shape[0]
-        if self.context.shape[0] != n or self.pooled.shape[0] != n:
-            raise ValueError(f"latents ({n}), context ({self.context.shape[0]}) and pooled "
-                             f"({self.pooled.shape[0]}) must hold one entry per image")
-
-    def __len__(self) -> int:
-        return self.latents.shape[0]
-
-
-@dataclass
 class TrainState:
     """LoRA weights, optimiser, RNG and progress: what a continued run picks up."""
 
@@ -39,8 +20,8 @@ class TrainState:
     generator: torch.Generator
     step: int = 0
     losses: List[float] = field(default_factory=list)
-    order: List[int] = field(default_factory=list)   # sample order of the current epoch
-    cursor: int = 0                                  # position in ``order``
+    order: List[List[int]] = field(default_factory=list)  # the current epoch's batches (sample indices)
+    cursor: int = 0                                       # next batch in ``order``
     epoch: int = 0
 
 
@@ -54,18 +35,16 @@ def new_train_state(config: TrainConfig, network: LoRANetwork) -> TrainState:
     return TrainState(config=config, network=network, optimizer=optimizer, generator=generator)
 
 
-def next_batch(state: TrainState, num_samples: int, batch_size: int) -> torch.Tensor:
-    """Indices of the next batch: a fresh seeded permutation each epoch, drawn without replacement."""
-    picked: List[int] = []
-    while len(picked) < batch_size:
-        if state.cursor >= len(state.order):
-            state.order = torch.randperm(num_samples, generator=state.generator).tolist()
-            state.cursor = 0
-            state.epoch += 1
-        take = min(batch_size - len(picked), len(state.order) - state.cursor)
-        picked.extend(state.order[state.cursor:state.cursor + take])
-        state.cursor += take
-    return torch.tensor(picked, dtype=torch.long)
+def next_batch(state: TrainState, data, batch_size: int):
+    """The next batch from ``data`` (an EncodedData or any source with ``epoch_batches`` and
+    ``collate``); a new epoch draws a new seeded order when the current one is used up."""
+    if state.cursor >= len(state.order):
+        state.order = data.epoch_batches(state.generator, batch_size)
+        state.cursor = 0
+        state.epoch += 1
+    indices = state.order[state.cursor]
+    state.cursor += 1
+    return data.collate(indices)
 
 
 def build_network(mmdit: torch.nn.Module, config: TrainConfig, seed: Optional[int] = None) -> LoRANetwork:
