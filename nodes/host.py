@@ -77,6 +77,17 @@ def encode_dataset(model, clip, vae, samples: List[ImageCaption]) -> EncodedData
                        pooled=torch.cat(pooled).to(device))
 
 
+def encode_captions(clip, captions: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Text-encoder outputs (context [B, L, D], pooled [B, P]) for captions encoded per step."""
+    conds, pooled = [], []
+    with torch.no_grad():  # the text encoders are frozen
+        for caption in captions:
+            cond, pool = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+            conds.append(cond.float().clone())
+            pooled.append(pool.float().clone())
+    return torch.cat(_pad_tokens(conds)), torch.cat(pooled)
+
+
 def model_with_lora(model, kohya_tensors) -> Tuple[object, int]:
     """A clone of ``model`` with the LoRA attached as weight patches, through the host's own loader;
     the input model is left untouched. Returns (model, number of patched weights)."""

@@ -69,7 +69,8 @@ class SD3LoraTrain:
             t0 = time.perf_counter()
             done = train(mmdit, session.data, session.state, steps, host.compute_dtype(model),
                          on_step=lambda step, loss: bar.update(1),
-                         should_stop=comfy.model_management.processing_interrupted)
+                         should_stop=comfy.model_management.processing_interrupted,
+                         encode_text=lambda captions: host.encode_captions(clip, captions))
             elapsed = time.perf_counter() - t0
         # Cancel: every finished step stays in the session; the next queue continues from it.
         comfy.model_management.throw_exception_if_processing_interrupted()

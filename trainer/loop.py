@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -12,14 +11,20 @@ from .batches import EncodedData
 from .state import TrainState, next_batch
 
 
+TextEncoder = Callable[[List[str]], Tuple[torch.Tensor, torch.Tensor]]
+
+
 def training_step(mmdit: torch.nn.Module, data: EncodedData, state: TrainState,
-                  compute_dtype: torch.dtype = torch.float32) -> float:
+                  compute_dtype: torch.dtype = torch.float32, encode_text: Optional[TextEncoder] = None) -> float:
     """One optimiser step of rectified-flow LoRA training; returns the step's loss.
 
     ``mmdit`` must already carry the LoRA (``state.network.attach``) and be frozen otherwise.
+    ``encode_text(captions) -> (context, pooled)`` encodes batches whose text is not cached.
     """
     cfg = state.config
     batch = next_batch(state, data, cfg.train_batch_size)
+    if batch.context is None:
+        batch.context, batch.pooled = encode_text(batch.captions)
     x0 = batch.latents
     device = x0.device
     # Noise and σ come from the session's own generator (on the CPU, so runs are reproducible
@@ -54,7 +59,7 @@ def training_step(mmdit: torch.nn.Module, data: EncodedData, state: TrainState,
 def train(mmdit: torch.nn.Module, data: EncodedData, state: TrainState, num_steps: int,
           compute_dtype: torch.dtype = torch.float32,
           on_step: Optional[Callable[[int, float], None]] = None,
-          should_stop: Optional[Callable[[], bool]] = None) -> int:
+          should_stop: Optional[Callable[[], bool]] = None, encode_text: Optional[TextEncoder] = None) -> int:
     """Run up to ``num_steps`` steps; stop early (between steps) when ``should_stop()`` is true.
 
     The LoRA is attached for the run and detached afterwards, whatever happens, so the
@@ -66,16 +71,10 @@ def train(mmdit: torch.nn.Module, data: EncodedData, state: TrainState, num_step
         for _ in range(num_steps):
             if should_stop is not None and should_stop():
                 break
-            loss = training_step(mmdit, data, state, compute_dtype)
+            loss = training_step(mmdit, data, state, compute_dtype, encode_text)
             done += 1
             if on_step is not None:
                 on_step(state.step, loss)
     finally:
         state.network.detach()
     return done
-
-
-def mean_loss(values, first: bool, count: int) -> float:
-    """Mean of the first or last ``count`` losses (nan when there are none)."""
-    part = values[:count] if first else values[-count:]
-    return sum(part) / len(part) if part else math.nan
