@@ -7,8 +7,10 @@ import re
 
 import folder_paths
 
+from ..trainer.diffusers_format import kohya_to_diffusers
 from ..trainer.lora_file import SAVE_DTYPES, build_metadata, save_lora
 from .common import CATEGORY, LORA
+from .provenance import write_workflow_json
 
 
 class SD3LoraSave:
@@ -25,7 +27,10 @@ class SD3LoraSave:
                         "'Load LoRA' finds it; 'output' into ComfyUI's output folder."}),
             "save_precision": (list(SAVE_DTYPES), {"default": "fp16", "tooltip": "dtype of the saved weights "
                                "(--save_precision)."}),
-        }}
+            "diffusers_export": ("BOOLEAN", {"default": False, "tooltip": "Also write <output_name>.diffusers"
+                                 ".safetensors in diffusers/PEFT naming (to_q/to_k/to_v, alpha baked in) for "
+                                 "diffusers' load_lora_weights."}),
+        }, "hidden": {"extra_pnginfo": "EXTRA_PNGINFO"}}
 
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("path",)
@@ -34,7 +39,7 @@ class SD3LoraSave:
     CATEGORY = CATEGORY
     DESCRIPTION = "Saves the trained LoRA as a kohya-format .safetensors file."
 
-    def save(self, lora, output_name, save_to, save_precision):
+    def save(self, lora, output_name, save_to, save_precision, diffusers_export=False, extra_pnginfo=None):
         name = output_name.strip()
         if not name or not re.fullmatch(r"[\w.\- ]+", name) or name.startswith("."):
             raise ValueError(f"output_name {output_name!r} is not a valid file name: use letters, digits, "
@@ -44,6 +49,10 @@ class SD3LoraSave:
         path = os.path.join(folder, name + ".safetensors")
         metadata = build_metadata(lora.config, lora.info, lora.step, name)
         save_lora(path, lora.tensors, metadata, SAVE_DTYPES[save_precision])
+        if diffusers_export:
+            save_lora(os.path.join(folder, name + ".diffusers.safetensors"), kohya_to_diffusers(lora.tensors),
+                      metadata, SAVE_DTYPES[save_precision])
         with open(os.path.join(folder, name + ".loss.json"), "w", encoding="utf-8") as f:
             json.dump({"step": lora.step, "loss": lora.losses}, f)
+        write_workflow_json(os.path.join(folder, name), extra_pnginfo)  # the workflow that trained it
         return {"ui": {"text": [path]}, "result": (path,)}

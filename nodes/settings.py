@@ -1,43 +1,47 @@
-"""Settings node: the LoRA and optimisation options, named as sd-scripts' flags."""
+"""Settings nodes: the basic options, and optional advanced groups, named as sd-scripts' flags."""
 from __future__ import annotations
 
-from ..trainer.config import MIXED_PRECISION, TrainConfig
-from ..trainer.flow import WEIGHTING_SCHEMES
-from .common import CATEGORY, SETTINGS
+from ..trainer.config import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, TrainConfig
+from ..trainer.flow import HUBER_SCHEDULES, LOSS_TYPES, WEIGHTING_SCHEMES
+from ..trainer.lora_targets import TYPE_DIM_NAMES
+from .common import ADVANCED, CATEGORY, NETWORK_ARGS, OPTIMIZER, SETTINGS
 
 _D = TrainConfig()  # defaults come from the trainer, defined once
 
 
+def _int(default, lo, hi, tip):
+    return ("INT", {"default": default, "min": lo, "max": hi, "tooltip": tip})
+
+
+def _float(default, lo, hi, step, tip):
+    return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step, "round": False, "tooltip": tip})
+
+
 class SD3LoraSettings:
-    """Collect the training options into one validated config."""
+    """Collect the training options into one validated config; advanced groups plug in optionally."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "network_dim": ("INT", {"default": _D.network_dim, "min": 1, "max": 1024,
-                                    "tooltip": "LoRA rank (sd-scripts --network_dim). 4-64 typical."}),
-            "network_alpha": ("FLOAT", {"default": _D.network_alpha, "min": 0.01, "max": 1024, "step": 0.01,
-                                        "tooltip": "Scales the LoRA update by alpha / dim (--network_alpha)."}),
-            "learning_rate": ("FLOAT", {"default": _D.learning_rate, "min": 1e-7, "max": 1.0, "step": 1e-6,
-                                        "round": False, "tooltip": "AdamW learning rate (--learning_rate)."}),
-            "train_batch_size": ("INT", {"default": _D.train_batch_size, "min": 1, "max": 64,
-                                         "tooltip": "Images per step (--train_batch_size)."}),
+            "network_dim": _int(_D.network_dim, 1, 1024, "LoRA rank (--network_dim). 4-64 typical."),
+            "network_alpha": _float(_D.network_alpha, 0.01, 1024, 0.01, "Scales the update by alpha / dim (--network_alpha)."),
+            "learning_rate": _float(_D.learning_rate, 1e-7, 1.0, 1e-6, "Learning rate (--learning_rate)."),
+            "train_batch_size": _int(_D.train_batch_size, 1, 64, "Images per step (--train_batch_size)."),
             "weighting_scheme": (list(WEIGHTING_SCHEMES), {"default": _D.weighting_scheme,
                                  "tooltip": "Timestep density and loss weighting (--weighting_scheme)."}),
-            "logit_mean": ("FLOAT", {"default": _D.logit_mean, "min": -10, "max": 10, "step": 0.01,
-                                     "tooltip": "Mean for logit_normal (--logit_mean)."}),
-            "logit_std": ("FLOAT", {"default": _D.logit_std, "min": 0.01, "max": 10, "step": 0.01,
-                                    "tooltip": "Std for logit_normal (--logit_std)."}),
-            "mode_scale": ("FLOAT", {"default": _D.mode_scale, "min": -10, "max": 10, "step": 0.01,
-                                     "tooltip": "Scale for the mode scheme (--mode_scale)."}),
-            "training_shift": ("FLOAT", {"default": _D.training_shift, "min": 0.01, "max": 100, "step": 0.01,
-                                         "tooltip": "Timestep shift; >1 trains more on noisy steps (--training_shift)."}),
-            "max_grad_norm": ("FLOAT", {"default": _D.max_grad_norm, "min": 0, "max": 100, "step": 0.01,
-                                        "tooltip": "Gradient clipping norm; 0 disables (--max_grad_norm)."}),
-            "mixed_precision": (list(MIXED_PRECISION), {"default": _D.mixed_precision,
-                                "tooltip": "'bf16' runs the forward pass under bf16 autocast (--mixed_precision)."}),
-            "seed": ("INT", {"default": _D.seed, "min": 0, "max": 2**63 - 1,
-                             "tooltip": "Seeds the LoRA init, data order, noise and timesteps (--seed)."}),
+            "logit_mean": _float(_D.logit_mean, -10, 10, 0.01, "Mean for logit_normal (--logit_mean)."),
+            "logit_std": _float(_D.logit_std, 0.01, 10, 0.01, "Std for logit_normal (--logit_std)."),
+            "mode_scale": _float(_D.mode_scale, -10, 10, 0.01, "Scale for the mode scheme (--mode_scale)."),
+            "training_shift": _float(_D.training_shift, 0.01, 100, 0.01,
+                                     "Timestep shift; >1 trains more on noisy steps (--training_shift)."),
+            "max_grad_norm": _float(_D.max_grad_norm, 0, 100, 0.01, "Gradient clipping norm; 0 disables (--max_grad_norm)."),
+            "mixed_precision": (list(MIXED_PRECISION), {"default": _D.mixed_precision, "tooltip":
+                                "bf16/fp16 autocast of the forward; fp16 uses a grad scaler (--mixed_precision)."}),
+            "seed": _int(_D.seed, 0, 2**63 - 1, "Seeds LoRA init, data order, noise, timesteps, dropouts (--seed)."),
+        }, "optional": {
+            "network_args": (NETWORK_ARGS, {"tooltip": "From 'SD3 LoRA Network Args': per-layer ranks, blocks, dropouts."}),
+            "optimizer": (OPTIMIZER, {"tooltip": "From 'SD3 LoRA Optimizer': optimizer, schedule, accumulation."}),
+            "advanced": (ADVANCED, {"tooltip": "From 'SD3 LoRA Advanced': loss type, precision, memory."}),
         }}
 
     RETURN_TYPES = (SETTINGS,)
@@ -46,5 +50,95 @@ class SD3LoraSettings:
     CATEGORY = CATEGORY
     DESCRIPTION = "LoRA and training options with sd-scripts' names."
 
-    def build(self, **kwargs):
+    def build(self, network_args=None, optimizer=None, advanced=None, **kwargs):
+        for group in (network_args, optimizer, advanced):
+            kwargs.update(group or {})
         return (TrainConfig(**kwargs).validate(),)
+
+
+class SD3LoraNetworkArgs:
+    """sd-scripts' lora_sd3 ``--network_args``: which layers get a LoRA, at which rank, with which dropouts."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        dims = {n: _int(-1, -1, 1024, f"Rank for {n[:-4].replace('_', ' ')} layers; -1 = network_dim, 0 = not "
+                                       f"trained ({n}).") for n in TYPE_DIM_NAMES}
+        return {"required": dict(dims, **{
+            "emb_dims": ("STRING", {"default": "", "tooltip": "Ranks for context_embedder, t_embedder, x_embedder, "
+                                    "y_embedder, final_mod, final_linear, e.g. [4,0,0,4,0,0]; empty = none (emb_dims)."}),
+            "train_block_indices": ("STRING", {"default": "all", "tooltip": "Joint blocks to train: all, none, "
+                                               "or e.g. 0,1,4-5 (train_block_indices)."}),
+            "split_qkv": ("BOOLEAN", {"default": False, "tooltip": "Separate LoRA for q, k, v (split_qkv)."}),
+            "network_dropout": _float(0.0, 0, 0.99, 0.01, "Dropout on LoRA rank activations (--network_dropout)."),
+            "rank_dropout": _float(0.0, 0, 0.99, 0.01, "Drop whole rank channels (rank_dropout)."),
+            "module_dropout": _float(0.0, 0, 0.99, 0.01, "Skip whole modules per step (module_dropout)."),
+            "loraplus_lr_ratio": _float(0.0, 0, 1000, 0.1, "LoRA+: lr of up matrices x ratio; 0 = off (loraplus_lr_ratio)."),
+            "network_weights": ("STRING", {"default": "", "tooltip": "Start from this LoRA file (kohya or diffusers "
+                                           "names) (--network_weights)."}),
+            "verbose": ("BOOLEAN", {"default": False, "tooltip": "List every trained module in the summary (verbose)."}),
+        })}
+
+    RETURN_TYPES = (NETWORK_ARGS,)
+    RETURN_NAMES = ("network_args",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+
+    def build(self, loraplus_lr_ratio, **kwargs):
+        for name in TYPE_DIM_NAMES:
+            kwargs[name] = None if kwargs[name] < 0 else kwargs[name]
+        kwargs["emb_dims"] = kwargs["emb_dims"].strip() or None
+        kwargs["loraplus_lr_ratio"] = loraplus_lr_ratio or None
+        return (kwargs,)
+
+
+class SD3LoraOptimizer:
+    """Optimiser, learning-rate schedule and gradient accumulation, as sd-scripts names them."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "optimizer_type": (list(OPTIMIZERS), {"default": _D.optimizer_type, "tooltip": "--optimizer_type"}),
+            "optimizer_args": ("STRING", {"default": "", "tooltip": "Extra arguments, e.g. weight_decay=0.01 "
+                               "betas=(0.9,0.99) (--optimizer_args)."}),
+            "lr_scheduler": (list(LR_SCHEDULERS), {"default": _D.lr_scheduler, "tooltip": "--lr_scheduler"}),
+            "lr_warmup_steps": _int(_D.lr_warmup_steps, 0, 1_000_000, "--lr_warmup_steps"),
+            "lr_scheduler_num_cycles": _int(_D.lr_scheduler_num_cycles, 1, 1000, "cosine_with_restarts cycles."),
+            "lr_scheduler_power": _float(_D.lr_scheduler_power, 0.0, 100, 0.1, "polynomial power."),
+            "max_train_steps": _int(_D.max_train_steps, 1, 10_000_000, "Steps the schedule is laid out over "
+                                    "(--max_train_steps)."),
+            "gradient_accumulation_steps": _int(_D.gradient_accumulation_steps, 1, 1024,
+                                                "Micro-batches per optimiser step (--gradient_accumulation_steps)."),
+        }}
+
+    RETURN_TYPES = (OPTIMIZER,)
+    RETURN_NAMES = ("optimizer",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+
+    def build(self, **kwargs):
+        return (kwargs,)
+
+
+class SD3LoraAdvanced:
+    """Loss function, precision and memory options."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "loss_type": (list(LOSS_TYPES), {"default": _D.loss_type, "tooltip": "--loss_type"}),
+            "huber_schedule": (list(HUBER_SCHEDULES), {"default": _D.huber_schedule, "tooltip": "--huber_schedule"}),
+            "huber_c": _float(_D.huber_c, 0.0001, 10, 0.001, "--huber_c"),
+            "huber_scale": _float(_D.huber_scale, 0.0001, 100, 0.01, "--huber_scale"),
+            "full_bf16": ("BOOLEAN", {"default": False, "tooltip": "LoRA weights and optimiser state in bf16; needs "
+                          "mixed_precision bf16 (--full_bf16)."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute each block in backward: "
+                                       "much less memory, slower (--gradient_checkpointing)."}),
+        }}
+
+    RETURN_TYPES = (ADVANCED,)
+    RETURN_NAMES = ("advanced",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+
+    def build(self, **kwargs):
+        return (kwargs,)

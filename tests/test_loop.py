@@ -103,7 +103,12 @@ def test_bf16_autocast_trains():
 
 @pytest.mark.parametrize("field,value,msg", [
     ("network_dim", 0, "network_dim"), ("learning_rate", 0.0, "learning_rate"),
-    ("weighting_scheme", "foo", "logit_normal"), ("mixed_precision", "fp16", "mixed_precision")])
+    ("weighting_scheme", "foo", "logit_normal"), ("mixed_precision", "fp8", "mixed_precision"),
+    ("optimizer_type", "Adam", "AdamW8bit"), ("lr_scheduler", "exp", "cosine_with_restarts"),
+    ("loss_type", "l3", "smooth_l1"), ("huber_schedule", "x", "exponential"), ("x_mlp_dim", -2, "x_mlp_dim"),
+    ("emb_dims", "[1,2]", "six ranks"), ("train_block_indices", "a-b", "train_block_indices"),
+    ("rank_dropout", 1.0, "rank_dropout"), ("gradient_accumulation_steps", 0, "gradient_accumulation_steps"),
+    ("full_bf16", True, "full_bf16")])
 def test_config_errors_name_the_setting(field, value, msg):
     with pytest.raises(ValueError, match=msg):
         TrainConfig(**{field: value}).validate()

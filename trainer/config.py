@@ -4,53 +4,104 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from typing import Optional
 
-from .flow import WEIGHTING_SCHEMES
+from .flow import HUBER_SCHEDULES, LOSS_TYPES, WEIGHTING_SCHEMES
+from .lora_targets import TYPE_DIM_NAMES, parse_block_selection, parse_emb_dims
 
-MIXED_PRECISION = ("no", "bf16")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor", "Prodigy", "Lion", "SGDNesterov")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Every value is read and validated once, in :meth:`validate`."""
 
-    # LoRA network
+    # LoRA network (sd-scripts --network_dim / --network_alpha / --network_args of lora_sd3)
     network_dim: int = 16            # LoRA rank; 4-64 typical for SD3
     network_alpha: float = 1.0       # update scale numerator: scale = network_alpha / network_dim
-    # optimiser
-    learning_rate: float = 1e-4      # AdamW lr; sd-scripts' SD3 guide suggests 1e-4 for LoRA
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 0.01  # AdamW default decoupled weight decay
+    context_attn_dim: Optional[int] = None  # per-type ranks: None = network_dim, 0 = not trained
+    context_mlp_dim: Optional[int] = None
+    context_mod_dim: Optional[int] = None
+    x_attn_dim: Optional[int] = None
+    x_mlp_dim: Optional[int] = None
+    x_mod_dim: Optional[int] = None
+    emb_dims: Optional[str] = None   # six ranks: context, t, x, y embedders, final mod, final linear
+    train_block_indices: str = "all"  # "all", "none" or "0,1,4-5"
+    split_qkv: bool = False          # separate LoRA for q, k and v of the fused qkv
+    network_dropout: float = 0.0     # dropout on the LoRA's rank activations
+    rank_dropout: float = 0.0        # drop whole rank channels
+    module_dropout: float = 0.0      # skip a whole module for a step
+    loraplus_lr_ratio: Optional[float] = None  # LoRA+: lr of the up matrices × ratio (e.g. 16)
+    network_weights: str = ""        # start from an existing LoRA file (kohya or diffusers names)
+    verbose: bool = False            # list every trained module with its rank in the node's summary
+    # optimiser and schedule
+    optimizer_type: str = "AdamW"
+    optimizer_args: str = ""         # extra optimiser arguments, "key=value key2=value2"
+    learning_rate: float = 1e-4      # sd-scripts' SD3 guide suggests 1e-4 for LoRA
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1   # cosine_with_restarts
+    lr_scheduler_power: float = 1.0    # polynomial
+    max_train_steps: int = 1600      # the length the lr schedule is laid out for
     max_grad_norm: float = 1.0       # clip gradient norm; 0 disables
-    # batches
-    train_batch_size: int = 1        # samples per step
-    # rectified flow
+    gradient_accumulation_steps: int = 1
+    train_batch_size: int = 1        # samples per micro-step
+    # rectified flow and loss
     weighting_scheme: str = "uniform"  # timestep density / loss weight (see trainer/flow.py)
-    logit_mean: float = 0.0          # logit_normal mean
-    logit_std: float = 1.0           # logit_normal std
-    mode_scale: float = 1.29         # mode scheme scale
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
     training_shift: float = 1.0      # σ shift s·u/(1+(s-1)u); >1 favours noisier timesteps
-    # reproducibility and precision
-    seed: int = 42                   # seeds LoRA init, data order, noise and timesteps
-    mixed_precision: str = "no"      # "bf16" runs the forward under bf16 autocast
+    loss_type: str = "l2"            # l1, l2, huber, smooth_l1
+    huber_schedule: str = "snr"      # constant, exponential, snr
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    # precision and memory
+    mixed_precision: str = "no"      # "bf16"/"fp16" autocast of the forward (fp16 with a grad scaler)
+    full_bf16: bool = False          # LoRA weights and optimiser state in bf16
+    gradient_checkpointing: bool = False  # recompute each joint block in backward: less memory, ~30% slower
+    # reproducibility
+    seed: int = 42                   # seeds LoRA init, data order, noise, timesteps and dropouts
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the setting and the fix for any bad value; return self."""
-        if self.network_dim < 1:
-            raise ValueError(f"network_dim must be at least 1 (got {self.network_dim}); it is the LoRA rank, e.g. 16")
-        if self.network_alpha <= 0:
-            raise ValueError(f"network_alpha must be > 0 (got {self.network_alpha}); use e.g. 1 or network_dim")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0 (got {self.learning_rate}); 1e-4 is a good start")
-        if self.train_batch_size < 1:
-            raise ValueError(f"train_batch_size must be at least 1 (got {self.train_batch_size})")
-        if self.weighting_scheme not in WEIGHTING_SCHEMES:
-            raise ValueError(f"unknown weighting_scheme {self.weighting_scheme!r}; use one of: {', '.join(WEIGHTING_SCHEMES)}")
-        if self.training_shift <= 0:
-            raise ValueError(f"training_shift must be > 0 (got {self.training_shift}); 1.0 means no shift")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION} (got {self.mixed_precision!r})")
+        _check(self.network_dim >= 1, f"network_dim must be at least 1 (got {self.network_dim}); "
+                                      f"it is the LoRA rank, e.g. 16")
+        _check(self.network_alpha > 0, f"network_alpha must be > 0 (got {self.network_alpha}); use e.g. 1 or network_dim")
+        for name in TYPE_DIM_NAMES:
+            v = getattr(self, name)
+            _check(v is None or v >= 0, f"{name} must be >= 0 (0 = not trained) or empty (got {v})")
+        parse_emb_dims(self.emb_dims)
+        parse_block_selection(self.train_block_indices, 1000)
+        for name in ("network_dropout", "rank_dropout", "module_dropout"):
+            v = getattr(self, name)
+            _check(0 <= v < 1, f"{name} must be in [0, 1) (got {v})")
+        _check(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0,
+               f"loraplus_lr_ratio must be > 0 (got {self.loraplus_lr_ratio}); 16 is typical")
+        _check(self.optimizer_type in OPTIMIZERS, f"unknown optimizer_type {self.optimizer_type!r}; "
+                                                  f"use one of: {', '.join(OPTIMIZERS)}")
+        _check(self.learning_rate > 0, f"learning_rate must be > 0 (got {self.learning_rate}); 1e-4 is a good start")
+        _check(self.lr_scheduler in LR_SCHEDULERS, f"unknown lr_scheduler {self.lr_scheduler!r}; "
+                                                   f"use one of: {', '.join(LR_SCHEDULERS)}")
+        _check(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0 (got {self.lr_warmup_steps})")
+        _check(self.max_train_steps >= 1, f"max_train_steps must be >= 1 (got {self.max_train_steps})")
+        _check(self.gradient_accumulation_steps >= 1,
+               f"gradient_accumulation_steps must be >= 1 (got {self.gradient_accumulation_steps})")
+        _check(self.train_batch_size >= 1, f"train_batch_size must be at least 1 (got {self.train_batch_size})")
+        _check(self.weighting_scheme in WEIGHTING_SCHEMES, f"unknown weighting_scheme {self.weighting_scheme!r}; "
+                                                           f"use one of: {', '.join(WEIGHTING_SCHEMES)}")
+        _check(self.training_shift > 0, f"training_shift must be > 0 (got {self.training_shift}); 1.0 means no shift")
+        _check(self.loss_type in LOSS_TYPES, f"unknown loss_type {self.loss_type!r}; use one of: {', '.join(LOSS_TYPES)}")
+        _check(self.huber_schedule in HUBER_SCHEDULES, f"unknown huber_schedule {self.huber_schedule!r}; "
+                                                       f"use one of: {', '.join(HUBER_SCHEDULES)}")
+        _check(0 < self.huber_c <= 1 or self.huber_schedule == "constant",
+               f"huber_c must be in (0, 1] for the {self.huber_schedule} schedule (got {self.huber_c})")
+        _check(self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION} "
+                                                        f"(got {self.mixed_precision!r})")
+        _check(not (self.full_bf16 and self.mixed_precision != "bf16"),
+               "full_bf16 needs mixed_precision 'bf16'; set mixed_precision to bf16 or turn full_bf16 off")
         return self
 
     def to_dict(self) -> dict:
@@ -59,3 +110,8 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """Stable text of every setting, used to tell whether a session can continue."""
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)

@@ -7,24 +7,23 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from . import flow
-from .batches import EncodedData
+from .batches import Batch
 from .state import TrainState, next_batch
 
-
 TextEncoder = Callable[[List[str]], Tuple[torch.Tensor, torch.Tensor]]
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def training_step(mmdit: torch.nn.Module, data: EncodedData, state: TrainState,
-                  compute_dtype: torch.dtype = torch.float32, encode_text: Optional[TextEncoder] = None) -> float:
-    """One optimiser step of rectified-flow LoRA training; returns the step's loss.
+def _autocast(mixed_precision: str, device: torch.device):
+    """bf16/fp16 autocast of the forward, or nothing for "no"."""
+    if mixed_precision in AUTOCAST_DTYPES:
+        return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[mixed_precision])
+    return contextlib.nullcontext()
 
-    ``mmdit`` must already carry the LoRA (``state.network.attach``) and be frozen otherwise.
-    ``encode_text(captions) -> (context, pooled)`` encodes batches whose text is not cached.
-    """
+
+def micro_step_loss(mmdit: torch.nn.Module, batch: Batch, state: TrainState, compute_dtype: torch.dtype) -> torch.Tensor:
+    """Noise one batch at sampled σ, run the model, return the rectified-flow loss (not yet backpropagated)."""
     cfg = state.config
-    batch = next_batch(state, data, cfg.train_batch_size)
-    if batch.context is None:
-        batch.context, batch.pooled = encode_text(batch.captions)
     x0 = batch.latents
     device = x0.device
     # Noise and σ come from the session's own generator (on the CPU, so runs are reproducible
@@ -33,30 +32,67 @@ def training_step(mmdit: torch.nn.Module, data: EncodedData, state: TrainState,
     sigmas = flow.sample_sigmas(cfg.weighting_scheme, x0.shape[0], cfg.training_shift, cfg.logit_mean,
                                 cfg.logit_std, cfg.mode_scale, generator=state.generator, device=device)
     x_sigma = flow.add_noise(x0, noise, sigmas)
-
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.mixed_precision == "bf16"
-                else contextlib.nullcontext())
-    with autocast:
+    with _autocast(cfg.mixed_precision, device):
         velocity = mmdit(x_sigma.to(compute_dtype), (sigmas * 1000).to(compute_dtype),
                          context=batch.context.to(compute_dtype), y=batch.pooled.to(compute_dtype))
-    loss = flow.flow_loss(velocity, x_sigma, x0, sigmas, cfg.weighting_scheme, batch.loss_weight, batch.mask)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss.item()} at step {state.step + 1}; "
-                                 f"lower learning_rate or use mixed_precision 'no'")
-    loss.backward()
+    huber_c = flow.huber_threshold(cfg.huber_schedule, sigmas, cfg.huber_c, cfg.huber_scale)
+    return flow.flow_loss(velocity, x_sigma, x0, sigmas, cfg.weighting_scheme, batch.loss_weight, batch.mask,
+                          cfg.loss_type, huber_c)
+
+
+def training_step(mmdit: torch.nn.Module, data, state: TrainState, compute_dtype: torch.dtype = torch.float32,
+                  encode_text: Optional[TextEncoder] = None) -> float:
+    """One optimiser step (``gradient_accumulation_steps`` micro-batches); returns its mean loss.
+
+    ``mmdit`` must already carry the LoRA (``state.network.attach``) and be frozen otherwise.
+    ``encode_text(captions) -> (context, pooled)`` encodes batches whose text is not cached.
+    """
+    cfg = state.config
+    accum = cfg.gradient_accumulation_steps
+    total = 0.0
+    for _ in range(accum):
+        batch = next_batch(state, data, cfg.train_batch_size)
+        if batch.context is None:
+            batch.context, batch.pooled = encode_text(batch.captions)
+        loss = micro_step_loss(mmdit, batch, state, compute_dtype)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {state.step + 1}; "
+                                     f"lower learning_rate or use mixed_precision 'no'")
+        scaled = loss / accum  # gradients of the micro-batches add up to the mean's
+        (state.scaler.scale(scaled) if state.scaler else scaled).backward()
+        total += loss.item()  # one host sync per micro-batch, needed for the history anyway
 
     params = [p for g in state.optimizer.param_groups for p in g["params"]]
+    if state.scaler:
+        state.scaler.unscale_(state.optimizer)  # clip the true gradients, not the scaled ones
     if cfg.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-    state.optimizer.step()
+    if state.scaler:
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        state.optimizer.step()
+    state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)  # frees the gradients' memory between steps
     state.step += 1
-    value = loss.item()  # the one host sync of the step, needed for the history anyway
-    state.losses.append(value)
-    return value
+    state.losses.append(total / accum)
+    return total / accum
 
 
-def train(mmdit: torch.nn.Module, data: EncodedData, state: TrainState, num_steps: int,
+@contextlib.contextmanager
+def _gradient_checkpointing(mmdit: torch.nn.Module, enabled: bool):
+    """The host MMDiT's own per-block checkpointing, switched on for the run only."""
+    previous = getattr(mmdit, "use_checkpoint", None)
+    if previous is not None:
+        mmdit.use_checkpoint = enabled
+    try:
+        yield
+    finally:
+        if previous is not None:
+            mmdit.use_checkpoint = previous
+
+
+def train(mmdit: torch.nn.Module, data, state: TrainState, num_steps: int,
           compute_dtype: torch.dtype = torch.float32,
           on_step: Optional[Callable[[int, float], None]] = None,
           should_stop: Optional[Callable[[], bool]] = None, encode_text: Optional[TextEncoder] = None) -> int:
@@ -66,15 +102,17 @@ def train(mmdit: torch.nn.Module, data: EncodedData, state: TrainState, num_step
     caller's model is left as it was. Returns the number of steps done.
     """
     state.network.attach(mmdit)
+    state.network.train()
     done = 0
     try:
-        for _ in range(num_steps):
-            if should_stop is not None and should_stop():
-                break
-            loss = training_step(mmdit, data, state, compute_dtype, encode_text)
-            done += 1
-            if on_step is not None:
-                on_step(state.step, loss)
+        with _gradient_checkpointing(mmdit, state.config.gradient_checkpointing):
+            for _ in range(num_steps):
+                if should_stop is not None and should_stop():
+                    break
+                loss = training_step(mmdit, data, state, compute_dtype, encode_text)
+                done += 1
+                if on_step is not None:
+                    on_step(state.step, loss)
     finally:
         state.network.detach()
     return done

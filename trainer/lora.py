@@ -1,23 +1,15 @@
-"""LoRA modules for the SD3 MMDiT, named and targeted as sd-scripts' ``networks/lora_sd3.py``."""
+"""LoRA modules for the SD3 MMDiT, named and computed as sd-scripts' ``networks/lora_sd3.py``."""
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-# Linear layers that sd-scripts' lora_sd3 wraps inside every joint block half
-# (context_block and x_block). attn2.* only exists on SD3.5 Medium's first blocks.
-JOINT_BLOCK_TARGETS = (
-    "attn.qkv",
-    "attn.proj",
-    "attn2.qkv",
-    "attn2.proj",
-    "mlp.fc1",
-    "mlp.fc2",
-    "adaLN_modulation.1",
-)
+from .lora_targets import TargetSpec, select_targets
+
 UNET_PREFIX = "lora_unet_"
 
 
@@ -31,170 +23,225 @@ def _init_up(weight: torch.Tensor) -> None:
     nn.init.zeros_(weight)
 
 
-def new_lora_pair(in_features: int, out_features: int, rank: int, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu") -> Tuple[nn.Parameter, nn.Parameter]:
-    """Fresh (down [rank, in], up [out, rank]) parameters: down kaiming-uniform, up zeros."""
-    down = torch.empty(rank, in_features, dtype=dtype, device=device)
-    up = torch.empty(out_features, rank, dtype=dtype, device=device)
-    _init_down(down)
-    _init_up(up)
-    return nn.Parameter(down), nn.Parameter(up)
-
-
-class LoRALinear(nn.Module):
-    """Wraps a frozen linear layer with a low-rank update.
-
-    ``y = base(x) + (x @ down.T @ up.T) * multiplier * alpha / rank``
-
-    The base layer is held, not copied (it may be a host Linear that casts its weights
-    per call); the LoRA matrices keep their own dtype (float32 by default) and the
-    activations are cast to it and back at the boundary.
-
-    Args:
-        base_layer: the frozen ``nn.Linear`` (or subclass) to wrap.
-        down: [rank, in_features] parameter. up: [out_features, rank] parameter.
-        alpha: scale numerator (``network_alpha``); the update is scaled by alpha / rank.
-        multiplier: extra strength factor (1.0 while training).
-
-    Raises:
-        ValueError: if the parameter shapes do not fit the base layer.
-    """
-
-    def __init__(self, base_layer: nn.Linear, down: nn.Parameter, up: nn.Parameter, alpha: float,
-                 multiplier: float = 1.0):
-        super().__init__()
-        rank = down.shape[0]
-        if down.shape != (rank, base_layer.in_features) or up.shape != (base_layer.out_features, rank):
-            raise ValueError(
-                f"LoRA shapes down {tuple(down.shape)} / up {tuple(up.shape)} do not fit a Linear "
-                f"{base_layer.in_features}->{base_layer.out_features}")
-        self.base_layer = base_layer
-        self.lora_down = down
-        self.lora_up = up
-        self.scale = float(alpha) / rank
-        self.multiplier = multiplier
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., in_features] -> [..., out_features], in the base layer's output dtype."""
-        out = self.base_layer(x)
-        lx = x.to(self.lora_down.dtype)
-        delta = nn.functional.linear(nn.functional.linear(lx, self.lora_down), self.lora_up)
-        return out + (delta * (self.multiplier * self.scale)).to(out.dtype)
-
-
-def _get_parent(root: nn.Module, path: str) -> Tuple[nn.Module, str]:
-    """Return (parent module, attribute name) for a dotted module path."""
-    parts = path.split(".")
-    parent = root
-    for p in parts[:-1]:
-        parent = getattr(parent, p)
-    return parent, parts[-1]
-
-
-def find_lora_targets(mmdit: nn.Module) -> List[str]:
-    """Module paths of the Linear layers sd-scripts' lora_sd3 trains by default.
-
-    Example:
-        >>> find_lora_targets(mmdit)[:2]
-        ['joint_blocks.0.context_block.attn.qkv', 'joint_blocks.0.context_block.attn.proj']
-    """
-    targets = []
-    for name, module in mmdit.named_modules():
-        if not name.startswith("joint_blocks."):
-            continue
-        parts = name.split(".")
-        if len(parts) < 4 or parts[2] not in ("context_block", "x_block"):
-            continue
-        suffix = ".".join(parts[3:])
-        if suffix in JOINT_BLOCK_TARGETS and isinstance(module, nn.Linear):
-            targets.append(name)
-    return targets
-
-
 def kohya_name(module_path: str, prefix: str = UNET_PREFIX) -> str:
     """sd-scripts' LoRA module name: ``lora_unet_`` + path with dots as underscores."""
     return prefix + module_path.replace(".", "_")
 
 
-class LoRANetwork(nn.Module):
-    """The set of LoRA modules for one MMDiT, independent of any particular model object.
+def find_lora_targets(mmdit: nn.Module) -> List[str]:
+    """Module paths of the layers sd-scripts' lora_sd3 trains by default (every joint-block Linear).
 
-    The network owns the trainable matrices. ``attach(mmdit)`` swaps the target Linears
-    of a model for :class:`LoRALinear` wrappers around them; ``detach()`` puts the
-    originals back, so the host's shared model is left as it was after training.
+    Example:
+        >>> find_lora_targets(mmdit)[:2]
+        ['joint_blocks.0.context_block.attn.qkv', 'joint_blocks.0.context_block.attn.proj']
+    """
+    return [t.path for t in select_targets(mmdit, network_dim=1)]
+
+
+class LoRAModule(nn.Module):
+    """The trainable half of one adapted layer: ``delta(x) = up(down(x)) · alpha / rank``.
+
+    ``down`` is [rank, in] (or a conv with the base conv's kernel and stride) and ``up`` is
+    [out, rank] (1x1 for a conv). With ``splits`` = 3 (sd-scripts' ``split_qkv``) the fused qkv
+    output gets three independent (down, up) pairs, one per q, k and v.
+
+    Dropouts (sd-scripts' network_dropout, rank_dropout, module_dropout) apply only in
+    training mode and draw from ``generator`` so runs are reproducible and resumable.
 
     Args:
-        target_shapes: module path -> (in_features, out_features) of each target.
-        rank: network_dim. alpha: network_alpha.
+        base: the frozen nn.Linear or nn.Conv2d it adapts (read for shapes only).
+        rank: LoRA rank (>= 1). alpha: scale numerator. splits: 1, or 3 for split qkv.
+
+    Raises:
+        ValueError: rank < 1, or an output that cannot be split evenly.
     """
 
-    def __init__(self, target_shapes: Dict[str, Tuple[int, int]], rank: int, alpha: float,
-                 lora_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, splits: int = 1, dtype=torch.float32,
+                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0):
         super().__init__()
         if rank < 1:
-            raise ValueError(f"network_dim must be at least 1, got {rank}. Set network_dim to the LoRA rank, e.g. 16.")
-        self.rank, self.alpha = int(rank), float(alpha)
-        self.paths = list(target_shapes)
-        self.downs = nn.ParameterDict()
-        self.ups = nn.ParameterDict()
-        for path, (fin, fout) in target_shapes.items():
-            key = kohya_name(path)
-            self.downs[key], self.ups[key] = new_lora_pair(fin, fout, rank, lora_dtype, device)
-        self._attached: List[Tuple[nn.Module, str, nn.Module]] = []
-
-    @classmethod
-    def for_model(cls, mmdit: nn.Module, rank: int, alpha: float, lora_dtype: torch.dtype = torch.float32):
-        """Build a network for every default target of ``mmdit``."""
-        shapes = {}
-        for path in find_lora_targets(mmdit):
-            lin = mmdit.get_submodule(path)
-            shapes[path] = (lin.in_features, lin.out_features)
-        if not shapes:
-            raise ValueError("the model has no MMDiT joint blocks to put a LoRA on: is it an SD3/SD3.5 model?")
-        return cls(shapes, rank, alpha, lora_dtype=lora_dtype, device=next(mmdit.parameters()).device)
+            raise ValueError(f"network_dim (LoRA rank) must be at least 1, got {rank}")
+        self.conv = isinstance(base, nn.Conv2d)
+        fin = base.in_channels if self.conv else base.in_features
+        fout = base.out_channels if self.conv else base.out_features
+        if fout % splits:
+            raise ValueError(f"cannot split an output of {fout} features into {splits} parts")
+        kernel = tuple(base.kernel_size) if self.conv else ()
+        self.stride = tuple(base.stride) if self.conv else None
+        self.padding = base.padding if self.conv else None
+        device = base.weight.device
+        self.downs = nn.ParameterList()
+        self.ups = nn.ParameterList()
+        for _ in range(splits):
+            down = torch.empty(rank, fin, *kernel, dtype=dtype, device=device)
+            up = torch.empty(fout // splits, rank, *((1, 1) if self.conv else ()), dtype=dtype, device=device)
+            _init_down(down)
+            _init_up(up)
+            self.downs.append(nn.Parameter(down))
+            self.ups.append(nn.Parameter(up))
+        self.rank, self.alpha, self.splits = rank, float(alpha), splits
+        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
+        self.generator: Optional[torch.Generator] = None
 
     @property
     def scale(self) -> float:
+        """alpha / rank, the factor the host's LoRA loader applies too."""
         return self.alpha / self.rank
 
+    def _project(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.conv:
+            return F.conv2d(F.conv2d(x, down, stride=self.stride, padding=self.padding), up)
+        return F.linear(self._drop(F.linear(x, down)), up)
+
+    def _rand(self, shape, device) -> torch.Tensor:
+        return torch.rand(shape, generator=self.generator).to(device)
+
+    def _drop(self, lx: torch.Tensor) -> torch.Tensor:
+        """network_dropout on the rank activations, then rank_dropout (whole rank channels)."""
+        if not self.training:
+            return lx
+        if self.dropout:
+            lx = lx * (self._rand(lx.shape, lx.device) >= self.dropout) / (1 - self.dropout)
+        if self.rank_dropout:
+            mask = self._rand((lx.shape[0],) + (1,) * (lx.dim() - 2) + (self.rank,), lx.device) >= self.rank_dropout
+            lx = lx * mask / (1 - self.rank_dropout)
+        return lx
+
+    def delta(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The LoRA update for input x (None when module_dropout skips this module this step)."""
+        if self.training and self.module_dropout and self._rand((1,), "cpu").item() < self.module_dropout:
+            return None
+        x = x.to(self.downs[0].dtype)
+        parts = [self._project(x, d, u) for d, u in zip(self.downs, self.ups)]
+        out = parts[0] if self.splits == 1 else torch.cat(parts, dim=1 if self.conv else -1)
+        return out * self.scale
+
+    def kohya_tensors(self, name: str, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+        """This module in sd-scripts' file layout. A split module is saved fused (down stacked,
+        up block-diagonal) with alpha × splits, so the host loads it at full strength
+        (alpha / (rank × splits) × splits = alpha / rank)."""
+        downs = [d.detach() for d in self.downs]
+        ups = [u.detach() for u in self.ups]
+        if self.splits == 1:
+            down, up = downs[0], ups[0]
+        else:
+            down = torch.cat(downs, dim=0)
+            up = torch.block_diag(*[u.flatten(1) for u in ups])
+        dtype = dtype or down.dtype
+        return {f"{name}.lora_down.weight": down.to(dtype).contiguous().cpu(),
+                f"{name}.lora_up.weight": up.to(dtype).contiguous().cpu(),
+                f"{name}.alpha": torch.tensor(self.alpha * self.splits, dtype=dtype)}
+
+    def load_kohya(self, tensors: Dict[str, torch.Tensor], name: str) -> None:
+        """Copy weights saved by :meth:`kohya_tensors` (or sd-scripts) into this module."""
+        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+        alpha = float(tensors.get(f"{name}.alpha", torch.tensor(float(down.shape[0]))))
+        with torch.no_grad():
+            if self.splits == 1:
+                self.downs[0].copy_(down.view_as(self.downs[0]))
+                self.ups[0].copy_(up.view_as(self.ups[0]))
+            else:
+                r, part = self.rank, self.ups[0].shape[0]
+                for i in range(self.splits):
+                    self.downs[i].copy_(down[i * r:(i + 1) * r])
+                    self.ups[i].copy_(up[i * part:(i + 1) * part, i * r:(i + 1) * r].view_as(self.ups[i]))
+        self.alpha = alpha / self.splits
+
+
+class LoRAWrapper(nn.Module):
+    """Stands in for a frozen layer: ``base(x) + lora.delta(x) · multiplier``, in base's dtype."""
+
+    def __init__(self, base_layer: nn.Module, lora: LoRAModule, multiplier: float = 1.0):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora = lora
+        self.multiplier = multiplier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in] (or [B, C, H, W] for a conv) -> the base layer's output plus the update."""
+        out = self.base_layer(x)
+        delta = self.lora.delta(x)
+        return out if delta is None else out + (delta * self.multiplier).to(out.dtype)
+
+
+def _get_parent(root: nn.Module, path: str) -> Tuple[nn.Module, str]:
+    """Return (parent module, attribute name) for a dotted module path."""
+    parent_path, _, attr = path.rpartition(".")
+    return (root.get_submodule(parent_path) if parent_path else root), attr
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules for one MMDiT, independent of any particular model object.
+
+    ``attach(mmdit)`` swaps each target layer for a :class:`LoRAWrapper` around it; ``detach()``
+    puts the originals back, so the host's shared model is left as it was after training.
+    """
+
+    def __init__(self, mmdit: nn.Module, targets: List[TargetSpec], alpha: float, dtype=torch.float32,
+                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
+                 prefix: str = UNET_PREFIX):
+        super().__init__()
+        if not targets:
+            raise ValueError("no layer selected for the LoRA: check network_dim, the *_dim settings, "
+                             "train_block_indices and emb_dims (is the model an SD3/SD3.5 MMDiT?)")
+        self.prefix = prefix
+        self.paths = [t.path for t in targets]
+        self.loras = nn.ModuleDict()
+        for t in targets:
+            self.loras[kohya_name(t.path, prefix)] = LoRAModule(
+                mmdit.get_submodule(t.path), t.rank, alpha, t.splits, dtype, dropout, rank_dropout, module_dropout)
+        self._attached: List[Tuple[nn.Module, str, nn.Module]] = []
+
+    @classmethod
+    def for_model(cls, mmdit: nn.Module, rank: int, alpha: float, lora_dtype: torch.dtype = torch.float32,
+                  **kwargs) -> "LoRANetwork":
+        """A network over sd-scripts' default targets (every joint-block Linear) at one rank."""
+        if rank < 1:
+            raise ValueError(f"network_dim must be at least 1, got {rank}. Set network_dim to the LoRA rank, e.g. 16.")
+        return cls(mmdit, select_targets(mmdit, rank), alpha, lora_dtype, **kwargs)
+
+    def set_generator(self, generator: Optional[torch.Generator]) -> None:
+        """The generator the dropouts draw from (the training state's)."""
+        for m in self.loras.values():
+            m.generator = generator
+
     def attach(self, mmdit: nn.Module) -> None:
-        """Wrap each target Linear of ``mmdit`` with a LoRALinear sharing this network's parameters."""
+        """Wrap each target layer of ``mmdit`` with a LoRAWrapper sharing this network's parameters."""
         if self._attached:
             raise RuntimeError("LoRA network is already attached to a model; detach() it first")
         try:
             for path in self.paths:
                 parent, attr = _get_parent(mmdit, path)
                 base = getattr(parent, attr)
-                key = kohya_name(path)
-                wrapper = LoRALinear(base, self.downs[key], self.ups[key], self.alpha)
-                setattr(parent, attr, wrapper)
+                setattr(parent, attr, LoRAWrapper(base, self.loras[kohya_name(path, self.prefix)]))
                 self._attached.append((parent, attr, base))
         except Exception:
             self.detach()
             raise
 
     def detach(self) -> None:
-        """Restore the original Linears that :meth:`attach` wrapped."""
+        """Restore the original layers that :meth:`attach` wrapped."""
         while self._attached:
             parent, attr, base = self._attached.pop()
             setattr(parent, attr, base)
 
     def get_adapter_params(self) -> Dict[str, nn.Parameter]:
-        """Trainable parameters by their kohya tensor name."""
-        params = {}
-        for key in self.downs:
-            params[f"{key}.lora_down.weight"] = self.downs[key]
-            params[f"{key}.lora_up.weight"] = self.ups[key]
-        return params
+        """Trainable parameters by name (``<module>.downs.0`` ...)."""
+        return dict(self.named_parameters())
 
-    def kohya_state_dict(self, dtype: torch.dtype | None = None) -> Dict[str, torch.Tensor]:
+    def kohya_state_dict(self, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
         """Tensors in sd-scripts' file layout: lora_down, lora_up and a scalar alpha per module."""
-        sd = {}
-        for key in self.downs:
-            down, up = self.downs[key].detach(), self.ups[key].detach()
-            if dtype is not None:
-                down, up = down.to(dtype), up.to(dtype)
-            sd[f"{key}.lora_down.weight"] = down.contiguous().cpu()
-            sd[f"{key}.lora_up.weight"] = up.contiguous().cpu()
-            sd[f"{key}.alpha"] = torch.tensor(self.alpha, dtype=dtype or torch.float32)
+        sd: Dict[str, torch.Tensor] = {}
+        for name, module in self.loras.items():
+            sd.update(module.kohya_tensors(name, dtype))
         return sd
+
+    def load_kohya_state_dict(self, tensors: Dict[str, torch.Tensor]) -> List[str]:
+        """Load weights from a kohya-layout dict; returns the module names it had no weights for."""
+        missing = []
+        for name, module in self.loras.items():
+            if f"{name}.lora_down.weight" in tensors:
+                module.load_kohya(tensors, name)
+            else:
+                missing.append(name)
+        return missing

@@ -49,7 +49,7 @@ def build_metadata(config: TrainConfig, info: dict, step: int, output_name: str)
     """
     variant = info["variant"]
     res = info["resolution"]
-    network_args = {}
+    network_args = network_args_of(config)
     meta = {
         "ss_session_id": str(info.get("session_id", "")),
         "ss_training_started_at": str(info.get("started_at", time.time())),
@@ -67,22 +67,21 @@ def build_metadata(config: TrainConfig, info: dict, step: int, output_name: str)
         "ss_steps": str(step),
         "ss_max_train_steps": str(step),
         "ss_batch_size_per_device": str(config.train_batch_size),
-        "ss_total_batch_size": str(config.train_batch_size),
-        "ss_gradient_accumulation_steps": "1",
-        "ss_gradient_checkpointing": "False",
-        "ss_lr_scheduler": "constant",
-        "ss_lr_warmup_steps": "0",
-        "ss_optimizer": f"torch.optim.AdamW(betas=({config.adam_beta1}, {config.adam_beta2}),"
-                        f"weight_decay={config.adam_weight_decay})",
+        "ss_total_batch_size": str(config.train_batch_size * config.gradient_accumulation_steps),
+        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
+        "ss_gradient_checkpointing": str(config.gradient_checkpointing),
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.lr_warmup_steps),
+        "ss_optimizer": config.optimizer_type + (f"({config.optimizer_args})" if config.optimizer_args else ""),
         "ss_max_grad_norm": str(config.max_grad_norm),
         "ss_network_module": "networks.lora_sd3",
         "ss_network_dim": str(config.network_dim),
         "ss_network_alpha": str(config.network_alpha),
-        "ss_network_dropout": "None",
+        "ss_network_dropout": str(config.network_dropout or None),
         "ss_network_args": json.dumps(network_args),
         "ss_mixed_precision": config.mixed_precision,
         "ss_full_fp16": "False",
-        "ss_full_bf16": "False",
+        "ss_full_bf16": str(config.full_bf16),
         "ss_fp8_base": "False",
         "ss_seed": str(config.seed),
         "ss_v2": "False",
@@ -94,7 +93,10 @@ def build_metadata(config: TrainConfig, info: dict, step: int, output_name: str)
         "ss_caption_dropout_rate": "0.0",
         "ss_dataset_dirs": json.dumps(info.get("dataset_dirs", {})),
         "ss_tag_frequency": json.dumps(info.get("tag_frequency", {})),
-        "ss_loss_type": "l2",
+        "ss_loss_type": config.loss_type,
+        "ss_huber_schedule": config.huber_schedule,
+        "ss_huber_c": str(config.huber_c),
+        "ss_huber_scale": str(config.huber_scale),
         "ss_weighting_scheme": config.weighting_scheme,
         "ss_logit_mean": str(config.logit_mean),
         "ss_logit_std": str(config.logit_std),
@@ -112,6 +114,26 @@ def build_metadata(config: TrainConfig, info: dict, step: int, output_name: str)
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()),
     }
     return meta
+
+
+def network_args_of(config: TrainConfig) -> Dict[str, str]:
+    """sd-scripts' ``ss_network_args``: the lora_sd3 network_args that differ from the defaults, as strings."""
+    args = {}
+    for name in ("context_attn_dim", "context_mlp_dim", "context_mod_dim", "x_attn_dim", "x_mlp_dim", "x_mod_dim",
+                 "emb_dims", "loraplus_lr_ratio"):
+        value = getattr(config, name)
+        if value is not None:
+            args[name] = str(value)
+    if config.train_block_indices != "all":
+        args["train_block_indices"] = config.train_block_indices
+    if config.split_qkv:
+        args["split_qkv"] = "True"
+    for name in ("rank_dropout", "module_dropout"):
+        if getattr(config, name):
+            args[name] = str(getattr(config, name))
+    if config.verbose:
+        args["verbose"] = "True"
+    return args
 
 
 def save_lora(path: str | os.PathLike, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str],

@@ -1,6 +1,7 @@
 """Everything that lives across queue runs of one training session."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -8,17 +9,23 @@ import torch
 
 from .config import TrainConfig
 from .lora import LoRANetwork
+from .lora_targets import select_targets, type_dims_from
+from .optim import build_optimizer, build_scheduler, param_groups
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainState:
-    """LoRA weights, optimiser, RNG and progress: what a continued run picks up."""
+    """LoRA weights, optimiser, schedule, RNG and progress: what a continued run picks up."""
 
     config: TrainConfig
     network: LoRANetwork
     optimizer: torch.optim.Optimizer
+    scheduler: object
     generator: torch.Generator
-    step: int = 0
+    scaler: Optional[torch.amp.GradScaler] = None  # fp16 only: scales the loss so small grads survive
+    step: int = 0                                  # optimiser steps done
     losses: List[float] = field(default_factory=list)
     order: List[List[int]] = field(default_factory=list)  # the current epoch's batches (sample indices)
     cursor: int = 0                                       # next batch in ``order``
@@ -26,13 +33,23 @@ class TrainState:
 
 
 def new_train_state(config: TrainConfig, network: LoRANetwork) -> TrainState:
-    """A fresh state: AdamW over the LoRA parameters and a generator seeded with ``config.seed``."""
-    params = [p for p in network.get_adapter_params().values()]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay)
+    """A fresh state: the configured optimiser and schedule over the LoRA parameters, a generator
+    seeded with ``config.seed`` (data order, noise, timesteps and dropouts draw from it)."""
+    groups = param_groups(network.named_parameters(), config.learning_rate, config.loraplus_lr_ratio)
+    optimizer = build_optimizer(config.optimizer_type, groups, config.learning_rate, config.optimizer_args)
+    scheduler = build_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, config.max_train_steps,
+                                config.lr_scheduler_num_cycles, config.lr_scheduler_power)
     generator = torch.Generator(device="cpu")
     generator.manual_seed(config.seed)
-    return TrainState(config=config, network=network, optimizer=optimizer, generator=generator)
+    network.set_generator(generator)
+    scaler = torch.amp.GradScaler("cpu" if _device(network) == "cpu" else "cuda") \
+        if config.mixed_precision == "fp16" else None
+    return TrainState(config=config, network=network, optimizer=optimizer, scheduler=scheduler,
+                      generator=generator, scaler=scaler)
+
+
+def _device(network: LoRANetwork) -> str:
+    return next(network.parameters()).device.type
 
 
 def next_batch(state: TrainState, data, batch_size: int):
@@ -48,7 +65,19 @@ def next_batch(state: TrainState, data, batch_size: int):
 
 
 def build_network(mmdit: torch.nn.Module, config: TrainConfig, seed: Optional[int] = None) -> LoRANetwork:
-    """The default sd-scripts lora_sd3 network for ``mmdit``, with a seeded init."""
+    """The lora_sd3 network the config describes, seeded; starts from ``network_weights`` if set."""
+    targets = select_targets(mmdit, config.network_dim, type_dims_from(config), config.train_block_indices,
+                             config.emb_dims, config.split_qkv)
+    dtype = torch.bfloat16 if config.full_bf16 else torch.float32
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed if seed is None else seed)
-        return LoRANetwork.for_model(mmdit, config.network_dim, config.network_alpha)
+        network = LoRANetwork(mmdit, targets, config.network_alpha, dtype, config.network_dropout,
+                              config.rank_dropout, config.module_dropout)
+    if config.network_weights:
+        from .lora_io import read_lora_tensors
+
+        missing = network.load_kohya_state_dict(read_lora_tensors(config.network_weights))
+        if missing:
+            log.warning("network_weights %s has no weights for %d of %d modules (they start fresh): %s",
+                        config.network_weights, len(missing), len(network.loras), ", ".join(missing[:5]))
+    return network

@@ -1,0 +1,164 @@
+"""sd3_train_network.py options: each one changes what training does, checked against references."""
+import math
+
+import pytest
+import torch
+
+from sd3_lora_trainer.trainer import flow
+from sd3_lora_trainer.trainer.batches import EncodedData
+from sd3_lora_trainer.trainer.config import LR_SCHEDULERS, OPTIMIZERS, TrainConfig
+from sd3_lora_trainer.trainer.loop import micro_step_loss, train
+from sd3_lora_trainer.trainer.optim import build_scheduler, parse_optimizer_args
+from sd3_lora_trainer.trainer.state import build_network, new_train_state, next_batch
+from tiny_mmdit import tiny_mmdit
+
+
+def _data(n=2, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return EncodedData(latents=torch.randn(n, 16, 8, 8, generator=g), context=torch.randn(n, 5, 64, generator=g),
+                       pooled=torch.randn(n, 32, generator=g))
+
+
+def _run(steps=3, **kw):
+    model, data = tiny_mmdit(), _data()
+    cfg = TrainConfig(**dict(dict(network_dim=4, network_alpha=4, learning_rate=1e-3, seed=5), **kw)).validate()
+    state = new_train_state(cfg, build_network(model, cfg))
+    train(model, data, state, steps)
+    return state
+
+
+def _weights(state):
+    return torch.cat([p.detach().float().flatten() for p in state.network.parameters()])
+
+
+# --- loss types and Huber schedules (sd-scripts' conditional_loss / get_huber_threshold_if_needed)
+
+def test_elementwise_losses_match_sd_scripts_formulas():
+    p, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    c = torch.tensor([0.1, 0.5, 1.0])
+    cb = c.view(-1, 1, 1, 1)
+    torch.testing.assert_close(flow.elementwise_loss(p, t, "l2"), torch.nn.functional.mse_loss(p, t, reduction="none"))
+    torch.testing.assert_close(flow.elementwise_loss(p, t, "l1"), torch.nn.functional.l1_loss(p, t, reduction="none"))
+    torch.testing.assert_close(flow.elementwise_loss(p, t, "huber", c), 2 * cb * (torch.sqrt((p - t) ** 2 + cb ** 2) - cb))
+    torch.testing.assert_close(flow.elementwise_loss(p, t, "smooth_l1", c), 2 * (torch.sqrt((p - t) ** 2 + cb ** 2) - cb))
+
+
+def test_huber_thresholds():
+    sig = torch.tensor([0.001, 0.25, 0.5, 1.0])
+    torch.testing.assert_close(flow.huber_threshold("constant", sig, 0.2, 3.0), torch.full((4,), 0.6))
+    alpha = -math.log(0.1) / 1000
+    torch.testing.assert_close(flow.huber_threshold("exponential", sig, 0.1, 2.0), torch.exp(-alpha * sig * 1000) * 2.0)
+    snr = flow.huber_threshold("snr", sig, 0.1)
+    ratio = sig / (1 - sig.clamp(max=0.999999))
+    torch.testing.assert_close(snr[:3], (1 - 0.1) / (1 + ratio[:3]) ** 2 + 0.1)
+    assert snr[-1].item() == pytest.approx(0.1)  # pure noise: the threshold falls to huber_c
+
+
+@pytest.mark.parametrize("loss_type", ["l1", "huber", "smooth_l1"])
+def test_loss_type_changes_training(loss_type):
+    assert not torch.equal(_weights(_run(loss_type=loss_type)), _weights(_run()))
+
+
+# --- network args, optimisers and schedules
+
+def test_network_args_change_the_network():
+    base = _run()
+    assert len(_run(x_mlp_dim=0).network.loras) < len(base.network.loras)
+    assert {m.rank for m in _run(context_attn_dim=2).network.loras.values()} == {2, 4}
+    assert any(m.splits == 3 for m in _run(split_qkv=True).network.loras.values())
+    assert "lora_unet_context_embedder" in _run(emb_dims="[2,0,0,0,0,0]").network.loras
+
+
+@pytest.mark.parametrize("kw", [dict(network_dropout=0.3), dict(rank_dropout=0.3), dict(module_dropout=0.3)])
+def test_dropouts_change_training_reproducibly(kw):
+    a, b = _run(**kw), _run(**kw)
+    assert torch.equal(_weights(a), _weights(b))
+    assert not torch.equal(_weights(a), _weights(_run()))
+
+
+def test_loraplus_scales_the_up_matrices_lr():
+    state = _run(loraplus_lr_ratio=16.0, steps=1)
+    lrs = [g["lr"] for g in state.optimizer.param_groups]
+    assert lrs == [pytest.approx(1e-3), pytest.approx(16e-3)]
+    ups = {id(p) for n, p in state.network.named_parameters() if ".ups." in n}
+    assert {id(p) for p in state.optimizer.param_groups[1]["params"]} == ups
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_trains(name):
+    args = "relative_step=False" if name == "Adafactor" else ""
+    state = _run(optimizer_type=name, optimizer_args=args, learning_rate=1e-3 if name != "Prodigy" else 1.0)
+    assert len(state.losses) == 3 and all(math.isfinite(x) for x in state.losses)
+    assert any(m.ups[0].abs().sum() > 0 for m in state.network.loras.values())
+    assert name.lower().replace("8bit", "") in type(state.optimizer).__name__.lower().replace("8bit", "") or \
+        name == "SGDNesterov" and state.optimizer.defaults["nesterov"]
+
+
+def test_optimizer_args_parse():
+    assert parse_optimizer_args("weight_decay=0.1, betas=(0.9, 0.99) decouple=True") == \
+        {"weight_decay": 0.1, "betas": (0.9, 0.99), "decouple": True}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_optimizer_args("oops")
+
+
+@pytest.mark.parametrize("name", LR_SCHEDULERS)
+def test_schedules_match_diffusers(name):
+    from diffusers.optimization import get_scheduler
+
+    def lrs(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = make(opt)
+        out = []
+        for _ in range(30):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    ours = lrs(lambda o: build_scheduler(name, o, 5, 30, num_cycles=2, power=2.0))
+    kw = {"num_cycles": 2} if name == "cosine_with_restarts" else {"power": 2.0} if name == "polynomial" else {}
+    ref = lrs(lambda o: get_scheduler(name, o, num_warmup_steps=5, num_training_steps=30, **kw))
+    assert ours == pytest.approx(ref, rel=1e-6, abs=1e-9)
+    if name != "constant":
+        assert ours[0] < ours[5]  # warm-up
+
+
+def test_gradient_accumulation_takes_one_optimizer_step_per_n_batches():
+    state = _run(steps=2, gradient_accumulation_steps=3, train_batch_size=1)
+    assert state.step == 2 and state.epoch == 3 and state.cursor == 2  # 6 batches of 1 over 2 samples
+    assert not torch.equal(_weights(state), _weights(_run(steps=2)))
+
+
+# --- precision and memory
+
+def test_gradient_checkpointing_gives_the_same_loss_and_grads():
+    model, data = tiny_mmdit(), _data()
+    cfg = TrainConfig(network_dim=4, seed=1).validate()
+
+    def grads(checkpointing):
+        state = new_train_state(cfg, build_network(model, cfg))
+        with torch.no_grad():
+            for m in state.network.loras.values():
+                m.ups[0].normal_(std=0.05, generator=torch.Generator().manual_seed(0))
+        state.network.attach(model)
+        model.use_checkpoint = checkpointing
+        try:
+            loss = micro_step_loss(model, next_batch(state, data, 1), state, torch.float32)
+            loss.backward()
+        finally:
+            model.use_checkpoint = False
+            state.network.detach()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in state.network.parameters()])
+
+    (l1, g1), (l2, g2) = grads(False), grads(True)
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
+    state = _run(gradient_checkpointing=True, steps=1)
+    assert len(state.losses) == 1
+
+
+def test_fp16_uses_a_grad_scaler_and_full_bf16_keeps_lora_in_bf16():
+    fp16 = _run(mixed_precision="fp16", steps=2)
+    assert fp16.scaler is not None and all(math.isfinite(x) for x in fp16.losses)
+    bf16 = _run(mixed_precision="bf16", full_bf16=True, steps=2)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.network.parameters())

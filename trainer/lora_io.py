@@ -1,0 +1,27 @@
+"""Reading LoRA files to start from (``network_weights``): kohya names, or diffusers names converted."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+import safetensors.torch
+import torch
+
+
+def read_lora_tensors(path: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a LoRA file in kohya layout (``lora_unet_…``); a diffusers/PEFT-named SD3
+    file (``transformer.transformer_blocks.N…lora_A``) is converted on the way in."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"network_weights: file not found: {file}. Give the path of a .safetensors LoRA")
+    try:
+        tensors = safetensors.torch.load_file(str(file))
+    except Exception as e:  # safetensors raises several error types for a bad file
+        raise ValueError(f"network_weights: cannot read {file} as safetensors ({e})") from e
+    if any(k.startswith("lora_unet_") for k in tensors):
+        return tensors
+    if any(".lora_A." in k for k in tensors):
+        from .diffusers_format import diffusers_to_kohya
+
+        return diffusers_to_kohya(tensors)
+    raise ValueError(f"network_weights: {file} holds no SD3 LoRA weights (no lora_unet_* or lora_A keys)")
