@@ -120,7 +120,7 @@ class SD3LoraOptimizer:
 
 
 class SD3LoraAdvanced:
-    """Loss function, precision and memory options."""
+    """Loss function, precision, memory and text-encoder options."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -133,6 +133,15 @@ class SD3LoraAdvanced:
                           "mixed_precision bf16 (--full_bf16)."}),
             "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute each block in backward: "
                                        "much less memory, slower (--gradient_checkpointing)."}),
+            "t5xxl_max_token_length": _int(_D.t5xxl_max_token_length, 1, 4096, "T5 tokens per caption "
+                                           "(--t5xxl_max_token_length)."),
+            "apply_lg_attn_mask": ("BOOLEAN", {"default": False, "tooltip": "Zero CLIP-L/G outputs at padding "
+                                   "(--apply_lg_attn_mask)."}),
+            "apply_t5_attn_mask": ("BOOLEAN", {"default": False, "tooltip": "Zero T5 outputs at padding "
+                                   "(--apply_t5_attn_mask)."}),
+            "clip_l_dropout_rate": _float(0.0, 0, 0.99, 0.01, "Drop CLIP-L's output per sample (--clip_l_dropout_rate)."),
+            "clip_g_dropout_rate": _float(0.0, 0, 0.99, 0.01, "Drop CLIP-G's output per sample (--clip_g_dropout_rate)."),
+            "t5_dropout_rate": _float(0.0, 0, 0.99, 0.01, "Drop T5's output per sample (--t5_dropout_rate)."),
         }}
 
     RETURN_TYPES = (ADVANCED,)

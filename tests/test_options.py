@@ -162,3 +162,18 @@ def test_fp16_uses_a_grad_scaler_and_full_bf16_keeps_lora_in_bf16():
     assert fp16.scaler is not None and all(math.isfinite(x) for x in fp16.losses)
     bf16 = _run(mixed_precision="bf16", full_bf16=True, steps=2)
     assert all(p.dtype == torch.bfloat16 for p in bf16.network.parameters())
+
+
+@pytest.mark.parametrize("kw", [dict(clip_l_dropout_rate=0.5), dict(t5_dropout_rate=0.9)])
+def test_text_encoder_dropout_changes_training(kw):
+    def run(**k):  # an SD3-shaped context: 77 CLIP rows + 8 T5 rows, 4096 channels, pooled 2048
+        g = torch.Generator().manual_seed(2)
+        data = EncodedData(latents=torch.randn(2, 16, 8, 8, generator=g), context=torch.randn(2, 85, 4096, generator=g),
+                           pooled=torch.randn(2, 2048, generator=g))
+        model = tiny_mmdit(context_dim=4096, adm=2048)
+        cfg = TrainConfig(network_dim=4, learning_rate=1e-3, seed=5, **k).validate()
+        state = new_train_state(cfg, build_network(model, cfg))
+        train(model, data, state, 3)
+        return state
+
+    assert not torch.equal(_weights(run(**kw)), _weights(run()))

@@ -58,6 +58,13 @@ class TrainConfig:
     huber_schedule: str = "snr"      # constant, exponential, snr
     huber_c: float = 0.1
     huber_scale: float = 1.0
+    # text encoders (SD3's CLIP-L, CLIP-G and T5-XXL)
+    t5xxl_max_token_length: int = 256  # T5 tokens per caption (cut or padded)
+    apply_lg_attn_mask: bool = False   # zero CLIP-L/G outputs at padded positions
+    apply_t5_attn_mask: bool = False   # zero T5 outputs at padded positions
+    clip_l_dropout_rate: float = 0.0   # per sample, drop CLIP-L's output with this probability
+    clip_g_dropout_rate: float = 0.0
+    t5_dropout_rate: float = 0.0
     # precision and memory
     mixed_precision: str = "no"      # "bf16"/"fp16" autocast of the forward (fp16 with a grad scaler)
     full_bf16: bool = False          # LoRA weights and optimiser state in bf16
@@ -75,7 +82,10 @@ class TrainConfig:
             _check(v is None or v >= 0, f"{name} must be >= 0 (0 = not trained) or empty (got {v})")
         parse_emb_dims(self.emb_dims)
         parse_block_selection(self.train_block_indices, 1000)
-        for name in ("network_dropout", "rank_dropout", "module_dropout"):
+        _check(1 <= self.t5xxl_max_token_length <= 4096,
+               f"t5xxl_max_token_length must be in 1..4096 (got {self.t5xxl_max_token_length}); 256 is sd-scripts' default")
+        for name in ("network_dropout", "rank_dropout", "module_dropout", "clip_l_dropout_rate",
+                     "clip_g_dropout_rate", "t5_dropout_rate"):
             v = getattr(self, name)
             _check(0 <= v < 1, f"{name} must be in [0, 1) (got {v})")
         _check(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0,
@@ -103,6 +113,11 @@ class TrainConfig:
         _check(not (self.full_bf16 and self.mixed_precision != "bf16"),
                "full_bf16 needs mixed_precision 'bf16'; set mixed_precision to bf16 or turn full_bf16 off")
         return self
+
+    def text_options(self) -> dict:
+        """The settings that change how captions are encoded (and so the cached text outputs)."""
+        return {"t5xxl_max_token_length": self.t5xxl_max_token_length,
+                "apply_lg_attn_mask": self.apply_lg_attn_mask, "apply_t5_attn_mask": self.apply_t5_attn_mask}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -6,7 +6,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from . import flow
+from . import flow, text
 from .batches import Batch
 from .state import TrainState, next_batch
 
@@ -54,6 +54,9 @@ def training_step(mmdit: torch.nn.Module, data, state: TrainState, compute_dtype
         batch = next_batch(state, data, cfg.train_batch_size)
         if batch.context is None:
             batch.context, batch.pooled = encode_text(batch.captions)
+        batch.context, batch.pooled = text.drop_encoders(
+            batch.context, batch.pooled, (cfg.clip_l_dropout_rate, cfg.clip_g_dropout_rate, cfg.t5_dropout_rate),
+            state.generator)
         loss = micro_step_loss(mmdit, batch, state, compute_dtype)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {state.step + 1}; "

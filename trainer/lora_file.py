@@ -45,7 +45,9 @@ def build_metadata(config: TrainConfig, info: dict, step: int, output_name: str)
     """sd-scripts' ``ss_*`` keys for an SD3 LoRA and the ``modelspec.*`` keys, all as strings.
 
     ``info`` holds session facts: variant, resolution, num_images, dataset_dirs, tag_frequency,
-    started_at (epoch seconds), session_id, model_name.
+    started_at (epoch seconds), session_id, model_name; and from the dataset (optional):
+    num_reg_images, num_batches_per_epoch, datasets, bucket_info, enable_bucket, min/max_bucket_reso,
+    bucket_no_upscale, prior_loss_weight, cache_latents (see TrainingData.metadata_info).
     """
     variant = info["variant"]
     res = info["resolution"]
@@ -60,8 +62,9 @@ def build_metadata(config: TrainConfig, info: dict, step: int, output_name: str)
         "ss_text_encoder_lr": "0",
         "ss_network_train_unet_only": "True",
         "ss_num_train_images": str(info["num_images"]),
-        "ss_num_reg_images": "0",
-        "ss_num_batches_per_epoch": str(-(-info["num_images"] // config.train_batch_size)),
+        "ss_num_reg_images": str(info.get("num_reg_images", 0)),
+        "ss_num_batches_per_epoch": str(info.get("num_batches_per_epoch",
+                                                 -(-info["num_images"] // config.train_batch_size))),
         "ss_num_epochs": str(-(-step * config.train_batch_size // max(1, info["num_images"]))),
         "ss_epoch": str(-(-step * config.train_batch_size // max(1, info["num_images"]))),
         "ss_steps": str(step),
@@ -88,8 +91,14 @@ def build_metadata(config: TrainConfig, info: dict, step: int, output_name: str)
         "ss_base_model_version": variant,
         "ss_sd_model_name": str(info.get("model_name", "")),
         "ss_resolution": f"({res}, {res})",
-        "ss_enable_bucket": "False",
-        "ss_cache_latents": "True",
+        "ss_enable_bucket": str(info.get("enable_bucket", False)),
+        "ss_min_bucket_reso": str(info.get("min_bucket_reso")),
+        "ss_max_bucket_reso": str(info.get("max_bucket_reso")),
+        "ss_bucket_no_upscale": str(info.get("bucket_no_upscale", False)),
+        "ss_bucket_info": json.dumps(info.get("bucket_info")),
+        "ss_datasets": json.dumps(info.get("datasets", [])),
+        "ss_prior_loss_weight": str(info.get("prior_loss_weight", 1.0)),
+        "ss_cache_latents": str(info.get("cache_latents", True)),
         "ss_caption_dropout_rate": "0.0",
         "ss_dataset_dirs": json.dumps(info.get("dataset_dirs", {})),
         "ss_tag_frequency": json.dumps(info.get("tag_frequency", {})),
@@ -102,8 +111,12 @@ def build_metadata(config: TrainConfig, info: dict, step: int, output_name: str)
         "ss_logit_std": str(config.logit_std),
         "ss_mode_scale": str(config.mode_scale),
         "ss_training_shift": str(config.training_shift),
-        "ss_apply_lg_attn_mask": "False",
-        "ss_apply_t5_attn_mask": "False",
+        "ss_apply_lg_attn_mask": str(config.apply_lg_attn_mask),
+        "ss_apply_t5_attn_mask": str(config.apply_t5_attn_mask),
+        "ss_t5xxl_max_token_length": str(config.t5xxl_max_token_length),
+        "ss_clip_l_dropout_rate": str(config.clip_l_dropout_rate),
+        "ss_clip_g_dropout_rate": str(config.clip_g_dropout_rate),
+        "ss_t5_dropout_rate": str(config.t5_dropout_rate),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": ARCHITECTURES[variant],
         # The SD3 reference code; the model predicts rectified-flow velocity (not epsilon / v).
