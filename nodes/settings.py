@@ -142,6 +142,10 @@ class SD3LoraAdvanced:
             "clip_l_dropout_rate": _float(0.0, 0, 0.99, 0.01, "Drop CLIP-L's output per sample (--clip_l_dropout_rate)."),
             "clip_g_dropout_rate": _float(0.0, 0, 0.99, 0.01, "Drop CLIP-G's output per sample (--clip_g_dropout_rate)."),
             "t5_dropout_rate": _float(0.0, 0, 0.99, 0.01, "Drop T5's output per sample (--t5_dropout_rate)."),
+            "pos_emb_random_crop_rate": _float(0.0, 0, 1, 0.01, "SD3.5: chance per step of a random crop of the "
+                                               "position table (--pos_emb_random_crop_rate)."),
+            "enable_scaled_pos_embed": ("BOOLEAN", {"default": False, "tooltip": "SD3.5: scaled position tables per "
+                                        "training resolution (--enable_scaled_pos_embed)."}),
         }}
 
     RETURN_TYPES = (ADVANCED,)

@@ -177,3 +177,9 @@ def test_text_encoder_dropout_changes_training(kw):
         return state
 
     assert not torch.equal(_weights(run(**kw)), _weights(run()))
+
+
+@pytest.mark.parametrize("kw", [dict(pos_emb_random_crop_rate=0.5), dict(enable_scaled_pos_embed=True)])
+def test_position_options_change_training_and_leave_the_model(kw):
+    state = _run(**kw)
+    assert not torch.equal(_weights(state), _weights(_run()))

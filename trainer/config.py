@@ -65,6 +65,9 @@ class TrainConfig:
     clip_l_dropout_rate: float = 0.0   # per sample, drop CLIP-L's output with this probability
     clip_g_dropout_rate: float = 0.0
     t5_dropout_rate: float = 0.0
+    # SD3.5 position embeddings
+    pos_emb_random_crop_rate: float = 0.0  # chance per step of a randomly placed crop of the table
+    enable_scaled_pos_embed: bool = False  # per-resolution scaled sin-cos tables (multi-resolution training)
     # precision and memory
     mixed_precision: str = "no"      # "bf16"/"fp16" autocast of the forward (fp16 with a grad scaler)
     full_bf16: bool = False          # LoRA weights and optimiser state in bf16
@@ -85,9 +88,9 @@ class TrainConfig:
         _check(1 <= self.t5xxl_max_token_length <= 4096,
                f"t5xxl_max_token_length must be in 1..4096 (got {self.t5xxl_max_token_length}); 256 is sd-scripts' default")
         for name in ("network_dropout", "rank_dropout", "module_dropout", "clip_l_dropout_rate",
-                     "clip_g_dropout_rate", "t5_dropout_rate"):
+                     "clip_g_dropout_rate", "t5_dropout_rate", "pos_emb_random_crop_rate"):
             v = getattr(self, name)
-            _check(0 <= v < 1, f"{name} must be in [0, 1) (got {v})")
+            _check(0 <= v < 1 or (name == "pos_emb_random_crop_rate" and v == 1), f"{name} must be in [0, 1) (got {v})")
         _check(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0,
                f"loraplus_lr_ratio must be > 0 (got {self.loraplus_lr_ratio}); 16 is typical")
         _check(self.optimizer_type in OPTIMIZERS, f"unknown optimizer_type {self.optimizer_type!r}; "

@@ -7,6 +7,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from . import flow, text
+from .pos_embed import PositionEmbedder
 from .batches import Batch
 from .state import TrainState, next_batch
 
@@ -95,6 +96,14 @@ def _gradient_checkpointing(mmdit: torch.nn.Module, enabled: bool):
             mmdit.use_checkpoint = previous
 
 
+def _latent_sizes(data) -> List[int]:
+    """Square-root latent sizes of the training images (one per bucket), for scaled position tables."""
+    if hasattr(data, "latent_sizes"):
+        return list(data.latent_sizes)
+    h, w = data.latents.shape[-2:]
+    return [round((h * w) ** 0.5)]
+
+
 def train(mmdit: torch.nn.Module, data, state: TrainState, num_steps: int,
           compute_dtype: torch.dtype = torch.float32,
           on_step: Optional[Callable[[int, float], None]] = None,
@@ -104,11 +113,14 @@ def train(mmdit: torch.nn.Module, data, state: TrainState, num_steps: int,
     The LoRA is attached for the run and detached afterwards, whatever happens, so the
     caller's model is left as it was. Returns the number of steps done.
     """
+    cfg = state.config
+    positions = PositionEmbedder(mmdit, cfg.pos_emb_random_crop_rate,
+                                 _latent_sizes(data) if cfg.enable_scaled_pos_embed else None, state.generator)
     state.network.attach(mmdit)
     state.network.train()
     done = 0
     try:
-        with _gradient_checkpointing(mmdit, state.config.gradient_checkpointing):
+        with _gradient_checkpointing(mmdit, cfg.gradient_checkpointing), positions.active():
             for _ in range(num_steps):
                 if should_stop is not None and should_stop():
                     break

@@ -111,6 +111,8 @@ def build_metadata(config: TrainConfig, info: dict, step: int, output_name: str)
         "ss_logit_std": str(config.logit_std),
         "ss_mode_scale": str(config.mode_scale),
         "ss_training_shift": str(config.training_shift),
+        "ss_pos_emb_random_crop_rate": str(config.pos_emb_random_crop_rate),
+        "ss_enable_scaled_pos_embed": str(config.enable_scaled_pos_embed),
         "ss_apply_lg_attn_mask": str(config.apply_lg_attn_mask),
         "ss_apply_t5_attn_mask": str(config.apply_t5_attn_mask),
         "ss_t5xxl_max_token_length": str(config.t5xxl_max_token_length),
