@@ -183,3 +183,22 @@ def test_text_encoder_dropout_changes_training(kw):
 def test_position_options_change_training_and_leave_the_model(kw):
     state = _run(**kw)
     assert not torch.equal(_weights(state), _weights(_run()))
+
+
+@pytest.mark.parametrize("naming", ["kohya", "diffusers"])
+def test_network_weights_start_from_a_saved_lora(tmp_path, naming):
+    from sd3_lora_trainer.trainer.diffusers_format import kohya_to_diffusers
+    from sd3_lora_trainer.trainer.lora_file import save_lora
+
+    trained = _run(steps=2)
+    tensors = trained.network.kohya_state_dict()
+    path = tmp_path / "start.safetensors"
+    save_lora(path, tensors if naming == "kohya" else kohya_to_diffusers(tensors), {})
+    model = tiny_mmdit()
+    cfg = TrainConfig(network_dim=4, network_alpha=4, network_weights=str(path)).validate()
+    started = build_network(model, cfg)
+    for name, module in started.loras.items():
+        torch.testing.assert_close(module.downs[0], trained.network.loras[name].downs[0])
+        torch.testing.assert_close(module.ups[0], trained.network.loras[name].ups[0])
+    with pytest.raises(ValueError, match="file not found"):
+        build_network(model, TrainConfig(network_weights=str(tmp_path / "nope.safetensors")))

@@ -74,7 +74,7 @@ def kohya_to_diffusers(kohya: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
         if swap:
             up = _swap_halves(up)
         for target, part in zip(targets, up.chunk(len(targets), dim=0)):
-            out[f"{PREFIX}{target}.lora_A.weight"] = down.float().contiguous()
+            out[f"{PREFIX}{target}.lora_A.weight"] = down.float().clone()  # own storage: safetensors refuses shared tensors
             out[f"{PREFIX}{target}.lora_B.weight"] = part.contiguous()
     return out
 
