@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from .flow import HUBER_SCHEDULES, LOSS_TYPES, WEIGHTING_SCHEMES
 from .lora_targets import TYPE_DIM_NAMES, parse_block_selection, parse_emb_dims
@@ -36,6 +36,10 @@ class TrainConfig:
     loraplus_lr_ratio: Optional[float] = None  # LoRA+: lr of the up matrices × ratio (e.g. 16)
     network_weights: str = ""        # start from an existing LoRA file (kohya or diffusers names)
     verbose: bool = False            # list every trained module with its rank in the node's summary
+    # text-encoder LoRA
+    network_train_unet_only: bool = True  # False: also train LoRAs on CLIP-L (lora_te1_) and CLIP-G (lora_te2_)
+    train_t5xxl: bool = False        # with text-encoder training, also T5-XXL (lora_te3_); large
+    text_encoder_lr: str = ""        # one lr for all, or "l,g,t5" (empty: learning_rate)
     # optimiser and schedule
     optimizer_type: str = "AdamW"
     optimizer_args: str = ""         # extra optimiser arguments, "key=value key2=value2"
@@ -93,6 +97,7 @@ class TrainConfig:
             _check(0 <= v < 1 or (name == "pos_emb_random_crop_rate" and v == 1), f"{name} must be in [0, 1) (got {v})")
         _check(self.loraplus_lr_ratio is None or self.loraplus_lr_ratio > 0,
                f"loraplus_lr_ratio must be > 0 (got {self.loraplus_lr_ratio}); 16 is typical")
+        self.text_encoder_lrs()
         _check(self.optimizer_type in OPTIMIZERS, f"unknown optimizer_type {self.optimizer_type!r}; "
                                                   f"use one of: {', '.join(OPTIMIZERS)}")
         _check(self.learning_rate > 0, f"learning_rate must be > 0 (got {self.learning_rate}); 1e-4 is a good start")
@@ -116,6 +121,20 @@ class TrainConfig:
         _check(not (self.full_bf16 and self.mixed_precision != "bf16"),
                "full_bf16 needs mixed_precision 'bf16'; set mixed_precision to bf16 or turn full_bf16 off")
         return self
+
+    def text_encoder_lrs(self) -> List[float]:
+        """Learning rates for CLIP-L, CLIP-G and T5 (sd-scripts' --text_encoder_lr, one or three values)."""
+        text = self.text_encoder_lr.strip().strip("[]")
+        if not text:
+            return [self.learning_rate] * 3
+        try:
+            values = [float(v) for v in text.replace(" ", ",").split(",") if v]
+        except ValueError:
+            raise ValueError(f"text_encoder_lr {self.text_encoder_lr!r} is not a number or a list of three "
+                             f"numbers (CLIP-L, CLIP-G, T5), e.g. 1e-5 or 1e-5,1e-5,5e-6") from None
+        _check(len(values) in (1, 3) and all(v >= 0 for v in values),
+               f"text_encoder_lr needs one or three learning rates >= 0 (got {self.text_encoder_lr!r})")
+        return values * 3 if len(values) == 1 else values
 
     def text_options(self) -> dict:
         """The settings that change how captions are encoded (and so the cached text outputs)."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from torch import nn
 
@@ -113,6 +113,21 @@ def select_targets(mmdit: nn.Module, network_dim: int, type_dims: Sequence[Optio
     return targets
 
 
+# Module classes whose Linear layers sd-scripts' lora_sd3 trains in the text encoders.
+TEXT_TARGET_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP", "T5Attention", "T5DenseGatedActDense")
+
+
+def select_text_targets(encoder: nn.Module, rank: int) -> List[TargetSpec]:
+    """Every Linear inside the attention and MLP modules of a CLIP or T5 encoder, at ``rank``."""
+    targets = []
+    for name, module in encoder.named_modules():
+        if type(module).__name__ in TEXT_TARGET_CLASSES:
+            for child, layer in module.named_children():
+                if isinstance(layer, nn.Linear):
+                    targets.append(TargetSpec(f"{name}.{child}", rank))
+    return targets
+
+
 def _find(root: nn.Module, path: str) -> Optional[nn.Module]:
     try:
         return root.get_submodule(path)
@@ -133,10 +148,3 @@ def type_dims_from(config) -> List[Optional[int]]:
     return [getattr(config, n, None) for n in TYPE_DIM_NAMES]
 
 
-def count_by_kind(targets: List[TargetSpec]) -> Dict[str, int]:
-    """How many targets of each kind (joint-block vs embedder), for summaries."""
-    out: Dict[str, int] = {}
-    for t in targets:
-        kind = "joint_blocks" if t.path.startswith("joint_blocks") else t.path.split(".")[0]
-        out[kind] = out.get(kind, 0) + 1
-    return out

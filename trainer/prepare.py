@@ -1,6 +1,8 @@
 """Make a host-loaded model safe to train a LoRA on, without changing what it computes."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -39,3 +41,36 @@ def model_signature(module: nn.Module, max_tensors: int = 4) -> str:
     picks = params[:max_tensors // 2] + params[-(max_tensors // 2):]
     sums = ",".join(f"{t.detach().float().sum().item():.6e}" for _, t in picks)
     return f"{total}:{sums}"
+
+
+class _CloneInput(nn.Module):
+    """Runs ``inner`` on a copy of its input, so the copy autograd saves is not changed later."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, *args, **kwargs):
+        return self.inner(x.clone(), *args, **kwargs)
+
+
+@contextlib.contextmanager
+def backward_safe_norms(module: nn.Module):
+    """Make a host text encoder differentiable while active.
+
+    Host encoders update the residual stream in place (``x += attn(norm(x))``), which is fine
+    for inference but breaks backward: the norm saved ``x`` for its gradient. Feeding each norm
+    a copy keeps the saved tensor intact. Restores the original modules on exit.
+    """
+    swapped = []
+    for name, child in list(module.named_modules()):
+        if "norm" in type(child).__name__.lower() and name:
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, attr, _CloneInput(child))
+            swapped.append((parent, attr, child))
+    try:
+        yield
+    finally:
+        for parent, attr, child in reversed(swapped):
+            setattr(parent, attr, child)

@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 from .config import TrainConfig
 from .lora import LoRANetwork
-from .lora_targets import select_targets, type_dims_from
+from .lora_targets import select_targets, select_text_targets, type_dims_from
 from .optim import build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger(__name__)
+TEXT_ENCODERS = ("clip_l", "clip_g", "t5xxl")
 
 
 @dataclass
@@ -25,6 +26,7 @@ class TrainState:
     scheduler: object
     generator: torch.Generator
     scaler: Optional[torch.amp.GradScaler] = None  # fp16 only: scales the loss so small grads survive
+    text_networks: Dict[str, LoRANetwork] = field(default_factory=dict)  # "clip_l"/"clip_g"/"t5xxl" LoRAs
     step: int = 0                                  # optimiser steps done
     losses: List[float] = field(default_factory=list)
     order: List[List[int]] = field(default_factory=list)  # the current epoch's batches (sample indices)
@@ -32,20 +34,52 @@ class TrainState:
     epoch: int = 0
 
 
-def new_train_state(config: TrainConfig, network: LoRANetwork) -> TrainState:
-    """A fresh state: the configured optimiser and schedule over the LoRA parameters, a generator
-    seeded with ``config.seed`` (data order, noise, timesteps and dropouts draw from it)."""
+def new_train_state(config: TrainConfig, network: LoRANetwork,
+                    text_networks: Optional[Dict[str, LoRANetwork]] = None) -> TrainState:
+    """A fresh state: the configured optimiser and schedule over the LoRA parameters (text-encoder
+    LoRAs at their own learning rates), a generator seeded with ``config.seed`` (data order,
+    noise, timesteps and dropouts draw from it)."""
+    text_networks = text_networks or {}
     groups = param_groups(network.named_parameters(), config.learning_rate, config.loraplus_lr_ratio)
+    lrs = dict(zip(TEXT_ENCODERS, config.text_encoder_lrs()))
+    for name, net in text_networks.items():
+        groups += param_groups(net.named_parameters(), lrs[name], config.loraplus_lr_ratio)
     optimizer = build_optimizer(config.optimizer_type, groups, config.learning_rate, config.optimizer_args)
     scheduler = build_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, config.max_train_steps,
                                 config.lr_scheduler_num_cycles, config.lr_scheduler_power)
     generator = torch.Generator(device="cpu")
     generator.manual_seed(config.seed)
-    network.set_generator(generator)
+    for net in [network, *text_networks.values()]:
+        net.set_generator(generator)
     scaler = torch.amp.GradScaler("cpu" if _device(network) == "cpu" else "cuda") \
         if config.mixed_precision == "fp16" else None
     return TrainState(config=config, network=network, optimizer=optimizer, scheduler=scheduler,
-                      generator=generator, scaler=scaler)
+                      generator=generator, scaler=scaler, text_networks=text_networks)
+
+
+def kohya_tensors(state: TrainState, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+    """Every LoRA of the state (MMDiT and text encoders) in one kohya-layout dict."""
+    tensors = state.network.kohya_state_dict(dtype)
+    for net in state.text_networks.values():
+        tensors.update(net.kohya_state_dict(dtype))
+    return tensors
+
+
+def build_text_networks(encoders: Dict[str, torch.nn.Module], config: TrainConfig) -> Dict[str, LoRANetwork]:
+    """LoRAs for the text encoders present in ``encoders`` ("clip_l", "clip_g", "t5xxl" -> module),
+    named lora_te1_/lora_te2_/lora_te3_ as sd-scripts names them; T5 only with train_t5xxl."""
+    if config.network_train_unet_only:
+        return {}
+    nets = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 1)
+        for index, name in enumerate(TEXT_ENCODERS):
+            module = encoders.get(name)
+            if module is None or (name == "t5xxl" and not config.train_t5xxl):
+                continue
+            nets[name] = LoRANetwork(module, select_text_targets(module, config.network_dim), config.network_alpha,
+                                     prefix=f"lora_te{index + 1}_")
+    return nets
 
 
 def _device(network: LoRANetwork) -> str:
