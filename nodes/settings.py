@@ -131,6 +131,8 @@ class SD3LoraAdvanced:
             "huber_scale": _float(_D.huber_scale, 0.0001, 100, 0.01, "--huber_scale"),
             "full_bf16": ("BOOLEAN", {"default": False, "tooltip": "LoRA weights and optimiser state in bf16; needs "
                           "mixed_precision bf16 (--full_bf16)."}),
+            "fp8_base": ("BOOLEAN", {"default": False, "tooltip": "Train on float8-stored base weights: load the "
+                         "model with 'Load Diffusion Model' weight_dtype fp8_e4m3fn (--fp8_base)."}),
             "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute each block in backward: "
                                        "much less memory, slower (--gradient_checkpointing)."}),
             "t5xxl_max_token_length": _int(_D.t5xxl_max_token_length, 1, 4096, "T5 tokens per caption "

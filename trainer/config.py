@@ -75,6 +75,7 @@ class TrainConfig:
     # precision and memory
     mixed_precision: str = "no"      # "bf16"/"fp16" autocast of the forward (fp16 with a grad scaler)
     full_bf16: bool = False          # LoRA weights and optimiser state in bf16
+    fp8_base: bool = False           # frozen weights stored in float8 (the model loaded as fp8_e4m3fn)
     gradient_checkpointing: bool = False  # recompute each joint block in backward: less memory, ~30% slower
     # reproducibility
     seed: int = 42                   # seeds LoRA init, data order, noise, timesteps and dropouts

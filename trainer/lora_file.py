@@ -85,7 +85,7 @@ def build_metadata(config: TrainConfig, info: dict, step: int, output_name: str)
         "ss_mixed_precision": config.mixed_precision,
         "ss_full_fp16": "False",
         "ss_full_bf16": str(config.full_bf16),
-        "ss_fp8_base": "False",
+        "ss_fp8_base": str(config.fp8_base),
         "ss_seed": str(config.seed),
         "ss_v2": "False",
         "ss_base_model_version": variant,

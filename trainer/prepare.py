@@ -74,3 +74,20 @@ def backward_safe_norms(module: nn.Module):
     finally:
         for parent, attr, child in reversed(swapped):
             setattr(parent, attr, child)
+
+
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+def check_fp8_base(mmdit: nn.Module, fp8_base: bool) -> None:
+    """``fp8_base``: the frozen joint-block weights must be stored in float8 (the host then upcasts
+    each layer per call). Raises a ValueError that says how to load the model that way."""
+    if not fp8_base:
+        return
+    dtypes = {m.weight.dtype for n, m in mmdit.named_modules()
+              if n.startswith("joint_blocks.") and isinstance(m, nn.Linear)}
+    if not dtypes or not dtypes <= set(FP8_DTYPES):
+        raise ValueError(f"fp8_base is on, but this model's joint-block weights are stored as "
+                         f"{', '.join(sorted(str(d) for d in dtypes))}. Load the model with 'Load Diffusion "
+                         f"Model' and weight_dtype fp8_e4m3fn (the host keeps float8 weights and upcasts each "
+                         f"layer per call), or turn fp8_base off")
