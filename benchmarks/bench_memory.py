@@ -1,0 +1,83 @@
+"""Memory benchmark: an SD3.5-Medium-shaped model (depth 24, qk_norm, attn2 in blocks 0-12, about
+2.5 B parameters) trains a rank-16 LoRA at 512 px with gradient checkpointing; prints peak RSS
+against the bf16 size of the frozen weights.
+
+The frozen weights are stored in bf16 (built that way through the host's MMDiT class; a user gets
+this by loading a bf16 checkpoint with a bf16 weight dtype). Peak RSS is the kernel's VmHWM of this
+whole process (Python, torch, the host's modules included), reset after the model is built, so it
+covers the training steps only. Run in its own process: ``bash scripts/bench.sh --memory``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import host_env  # noqa: E402
+
+host_env.setup(cpu=True)
+
+import torch  # noqa: E402
+
+import measure  # noqa: E402
+from contestants import make_inputs  # noqa: E402
+from models import Shape, count_params, host_mmdit  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=24, help="joint blocks (24 = SD3.5 Medium)")
+    p.add_argument("--resolution", type=int, default=512, help="image side in pixels (latent side = /8)")
+    p.add_argument("--steps", type=int, default=1, help="training steps measured")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    from sd3_lora_trainer.trainer.batches import EncodedData
+    from sd3_lora_trainer.trainer.config import TrainConfig
+    from sd3_lora_trainer.trainer.loop import train
+    from sd3_lora_trainer.trainer.state import build_network, new_train_state
+
+    args = parse_args(argv)
+    latent = args.resolution // 8
+    base = Shape.sd35_medium(pos_max=max(32, latent // 2))
+    shape = Shape(args.depth, base.qk_norm, tuple(i for i in base.attn2_layers if i < args.depth), base.pos_max)
+    rss_imports = measure.rss_mb()
+    t0 = time.perf_counter()
+    mmdit = host_mmdit(shape, torch.bfloat16)
+    n_params = count_params(mmdit)
+    weights_mb = sum(p.numel() * p.element_size() for p in mmdit.state_dict().values()) / 2**20
+    print(f"built depth {args.depth} SD3.5-Medium-shaped MMDiT: {n_params / 1e9:.2f} B params, "
+          f"{weights_mb:.0f} MB in bf16 ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    ckpt = not args.no_checkpointing
+    fields = TrainConfig.__dataclass_fields__
+    extra = {"gradient_checkpointing": ckpt} if "gradient_checkpointing" in fields else {}
+    cfg = TrainConfig(network_dim=args.rank, network_alpha=float(args.rank), mixed_precision="bf16", **extra).validate()
+    if not extra:  # a trainer without the switch: use the host MMDiT's own checkpointing directly
+        mmdit.use_checkpoint = ckpt
+    inputs = make_inputs(n=1, latent_size=latent)
+    data = EncodedData(inputs.latents, inputs.context, inputs.pooled)
+    state = new_train_state(cfg, build_network(mmdit, cfg))
+    rss_built = measure.rss_mb()
+    measure.reset_peak_rss()
+    t0 = time.perf_counter()
+    train(mmdit, data, state, args.steps, compute_dtype=torch.bfloat16)
+    seconds = (time.perf_counter() - t0) / args.steps
+    peak = measure.peak_rss_mb()
+    print(f"resolution {args.resolution} px ({(latent // 2) ** 2} image + 333 text tokens), rank {args.rank}, "
+          f"gradient checkpointing {'on' if ckpt else 'off'}, bf16 autocast, frozen weights bf16, "
+          f"{seconds:.1f} s/step, loss {state.losses[-1]:.4f}")
+    print(f"RSS after imports {rss_imports:.0f} MB, after building model + LoRA {rss_built:.0f} MB")
+    print(f"peak RSS while training {peak:.0f} MB = {peak / weights_mb:.2f} x the bf16 frozen weights "
+          f"({weights_mb:.0f} MB); without the process's import baseline: "
+          f"{(peak - rss_imports) / weights_mb:.2f} x")
+    print(f"peak_rss_vs_bf16_weights={peak / weights_mb:.3f}")
+
+
+if __name__ == "__main__":
+    main()

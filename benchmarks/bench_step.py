@@ -1,0 +1,178 @@
+"""Training-step benchmark: this pack's trainer vs the host's TrainLoraNode mechanism vs diffusers+PEFT.
+
+Run through ``bash scripts/bench.sh`` (see benchmarks/README_performance.md). Every contestant
+trains a rank-16 LoRA on the same SD3-shaped random-weight model dimensions and the same cached
+inputs; steps are interleaved round-robin in this one process and the median is reported.
+The last line printed is ``ratio_vs_native_bf16=<our s/step ÷ host mechanism s/step>``
+(batch 1, bf16 autocast).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import host_env  # noqa: E402
+
+host_env.setup(cpu=True)
+
+import torch  # noqa: E402
+
+import contestants as C  # noqa: E402
+import measure  # noqa: E402
+from models import Shape, count_params, diffusers_sd3, host_mmdit, host_model_patcher  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="depth 8 and 3 measured rounds")
+    p.add_argument("--depth", type=int, default=None, help="joint blocks (default 12; 8 with --quick)")
+    p.add_argument("--rounds", type=int, default=None, help="measured rounds (default 5; 3 with --quick)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank of every contestant")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--no-levers", action="store_true", help="skip the 'ours + lever' contestants")
+    p.add_argument("--lever-batches", type=int, nargs="+", default=[1], help="batches the levers run at")
+    p.add_argument("--only", default=None, help="comma-separated name filter (substring match)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's own). 1 avoids OpenMP spin-wait collapse when "
+                        "other processes share the cores")
+    p.add_argument("--profile", action="store_true", help="profile one step of ours (bf16, batch 1) and exit")
+    a = p.parse_args(argv)
+    a.depth = a.depth or (8 if a.quick else 12)
+    a.rounds = a.rounds or (3 if a.quick else 5)
+    return a
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def compute_dtype(mp) -> torch.dtype:
+    """The dtype the host runs this model's matmuls in, as the pack's ``nodes/host.py`` reads it."""
+    return mp.model.manual_cast_dtype or mp.model.get_dtype()
+
+
+def build_ours_model(shape: Shape):
+    """Reference weights, loaded through the host like 'Load Diffusion Model'; returns (state_dict, patcher)."""
+    from sd3_lora_trainer.trainer.prepare import freeze_base_model
+
+    ref = host_mmdit(shape, torch.float32)
+    sd = {k: v for k, v in ref.state_dict().items()}
+    mp = host_model_patcher(sd, torch.float32)
+    freeze_base_model(mp.model.diffusion_model)
+    return sd, mp
+
+
+def build_contestants(args, shape: Shape, inputs: C.Inputs):
+    """name -> contestant, with 'name|batch|dtype' keys so the table can be grouped."""
+    from comfy.ldm.modules.attention import attention_pytorch
+    from sd3_lora_trainer.trainer.config import TrainConfig
+    log(f"building models: depth {shape.depth}")
+    sd, mp = build_ours_model(shape)
+    mmdit, cdt = mp.model.diffusion_model, compute_dtype(mp)
+    log(f"host MMDiT: {count_params(mmdit) / 1e6:.0f} M params, compute dtype {cdt}")
+    host_mps = {bf16: host_model_patcher(sd, torch.float32) for bf16 in (True, False)}
+    dif = diffusers_sd3(shape, inputs.latents.shape[-1])
+    n_peft = C.add_peft_lora(dif, args.rank)
+    log(f"diffusers SD3Transformer2DModel: {count_params(dif) / 1e6:.0f} M params incl. LoRA, {n_peft} PEFT LoRA Linears")
+    bf16_mmdit = None if args.no_levers else copy.deepcopy(mmdit).to(torch.bfloat16)
+    del sd
+
+    out = {}
+    for b in args.batches:
+        for bf16 in (True, False):
+            dt = "bf16" if bf16 else "fp32"
+            out[f"ours|{b}|{dt}"] = C.Ours(mmdit, inputs, b, bf16, args.rank, cdt)
+            out[f"host TrainLoraNode mechanism|{b}|{dt}"] = C.HostWeightWrappers(host_mps[bf16], inputs, b, bf16, args.rank)
+            out[f"diffusers+PEFT|{b}|{dt}"] = C.DiffusersPeft(dif, inputs, b, bf16, args.rank)
+        if not args.no_levers and b in args.lever_batches:
+            out[f"ours + SDPA attention|{b}|bf16"] = C.Ours(mmdit, inputs, b, True, args.rank, cdt, attention=attention_pytorch)
+            out[f"ours + frozen weights bf16|{b}|bf16"] = C.Ours(bf16_mmdit, inputs, b, True, args.rank, torch.bfloat16)
+            out[f"ours + frozen bf16 + SDPA|{b}|bf16"] = C.Ours(bf16_mmdit, inputs, b, True, args.rank, torch.bfloat16,
+                                                                 attention=attention_pytorch)
+            out[f"ours + grad checkpointing|{b}|bf16"] = C.Ours(mmdit, inputs, b, True, args.rank, cdt, checkpoint=True)
+            if "split_qkv" in TrainConfig.__dataclass_fields__:  # shows what the fused-qkv LoRA saves
+                out[f"ours + split_qkv LoRA|{b}|bf16"] = C.Ours(mmdit, inputs, b, True, args.rank, cdt, split_qkv=True)
+    if args.only:
+        keep = args.only.split(",")
+        out = {k: v for k, v in out.items() if any(s in k for s in keep)}
+    out["bf16 matmul 4096³ (peak)|-|bf16"] = C.Matmul(4096)
+    return out
+
+
+def print_table(args, contestants, flops, results, memory):
+    """The results table; ratios against the host mechanism at the same batch and dtype."""
+    peak_key = "bf16 matmul 4096³ (peak)|-|bf16"
+    peak_gflops = contestants[peak_key].flops / measure.median([m["s"] for m in results[peak_key]]) / 1e9
+    med = {k: measure.median([m["s"] for m in v]) for k, v in results.items()}
+    print()
+    print(f"depth {args.depth}, rank {args.rank}, latents 16x32x32, context 333x4096, pooled 2048, "
+          f"{args.rounds} interleaved rounds, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"bf16 matmul peak measured in this run: {peak_gflops:.0f} GFLOP/s")
+    print("step ΔRSS = peak RSS during one step − RSS before it (kernel VmHWM; free heap trimmed first); "
+          "resident = frozen weights + LoRA + optimiser state")
+    hdr = ("contestant", "batch", "dtype", "s/step", "vs host", "step ΔRSS MB", "resident MB",
+           "GFLOP/step", "GFLOP/s", "% bf16 peak")
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+    for key, c in contestants.items():
+        if key == peak_key:
+            continue
+        name, b, dt = key.split("|")
+        host = med.get(f"host TrainLoraNode mechanism|{b}|{dt}")
+        gf = flops[key] / 1e9
+        rate = gf / med[key]
+        dmem = memory[key]
+        print(f"| {name} | {b} | {dt} | {med[key]:.3f} | {med[key] / host:.2f} | {dmem:.0f} | "
+              f"{c.resident_bytes() / 2**20:.0f} | {gf:.0f} | {rate:.0f} | {100 * rate / peak_gflops:.1f} |"
+              if host else f"| {name} | {b} | {dt} | {med[key]:.3f} | - | {dmem:.0f} | "
+              f"{c.resident_bytes() / 2**20:.0f} | {gf:.0f} | {rate:.0f} | {100 * rate / peak_gflops:.1f} |")
+    ours, host = med.get("ours|1|bf16"), med.get("host TrainLoraNode mechanism|1|bf16")
+    if ours and host:
+        if args.depth != 12 or args.rank != 16:
+            print(f"(note: measured at depth {args.depth}, rank {args.rank}; the target is defined at depth 12, rank 16)")
+        print(f"ratio_vs_native_bf16={ours / host:.3f}")
+
+
+def profile(args, shape: Shape, inputs: C.Inputs) -> None:
+    """torch.profiler over one step of ours (bf16, batch 1): top ops by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    _, mp = build_ours_model(shape)
+    ours = C.Ours(mp.model.diffusion_model, inputs, 1, True, args.rank, compute_dtype(mp))
+    for _ in range(2):
+        ours.step()
+    with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+        ours.step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25))
+    mm = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+          "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::linear")
+    in_mm = sum(e.self_cpu_time_total for e in events if e.key in mm)
+    print(f"self CPU time in matmul/attention kernels: {100 * in_mm / total:.0f}% of {total / 1e6:.2f} s")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = Shape(depth=args.depth, pos_max=32)
+    inputs = C.make_inputs(n=max(2, max(args.batches)))
+    if args.profile:
+        profile(args, shape, inputs)
+        return
+    contestants = build_contestants(args, shape, inputs)
+    log(f"{len(contestants)} contestants; counting FLOPs (this round is also the warm-up)")
+    flops = {k: (c.flops if isinstance(c, C.Matmul) else measure.count_flops(c.step)) for k, c in contestants.items()}
+    results = measure.interleaved(contestants, rounds=args.rounds, warmup=0,
+                                  log=lambda m: log(m if len(m) < 200 else m[:200] + "..."))
+    log("memory round (untimed)")
+    memory = {k: measure.memory_step(c.step) for k, c in contestants.items()}
+    print_table(args, contestants, flops, results, memory)
+
+
+if __name__ == "__main__":
+    main()

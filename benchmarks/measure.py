@@ -1,0 +1,113 @@
+"""Timing, memory and FLOP measurement, shared by the benchmarks.
+
+Memory is read from the kernel: ``VmHWM`` (peak resident set) is reset through
+``/proc/self/clear_refs`` right before a step and read right after it, so the step's peak RSS
+delta = VmHWM after the step − VmRSS before it. Everything torch allocates on the CPU counts
+(activations, saved tensors, casts, gradients, optimiser state created in the step). glibc keeps
+freed heap memory resident, which would hide a step's allocations behind the previous step's, so
+the memory round first hands free memory back (``malloc_trim``); that round is not timed.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import re
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return int(re.search(field + r":\s+(\d+)", f.read()).group(1)) / 1024
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process, MB."""
+    return _status_mb("VmRSS")
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux ≥ 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size since the last :func:`reset_peak_rss`, MB."""
+    return _status_mb("VmHWM")
+
+
+def trim_heap() -> None:
+    """Return glibc's free heap memory to the kernel, so RSS counts live memory only."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def memory_step(step: Callable[[], object]) -> float:
+    """Peak RSS of one step above the live memory before it (MB); see the module docstring."""
+    gc.collect()
+    trim_heap()
+    reset_peak_rss()
+    before = rss_mb()
+    step()
+    return peak_rss_mb() - before
+
+
+def timed_step(step: Callable[[], object]) -> Dict[str, float]:
+    """Run one step; return its wall time (s) and its peak RSS above the RSS it started at (MB)."""
+    reset_peak_rss()
+    before = rss_mb()
+    t0 = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - t0
+    return {"s": seconds, "peak_mb": peak_rss_mb() - before}
+
+
+def _register_cpu_sdpa_flops() -> None:
+    """torch's flop counter knows the CUDA attention kernels but not the CPU flash kernel that
+    F.scaled_dot_product_attention uses here; count it with the same formulas, or every SDPA
+    contestant would look as if attention cost nothing."""
+    from torch.utils import flop_counter as fc
+
+    fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if fwd in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(fwd)
+    def _fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @fc.register_flop_formula(bwd)
+    def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def count_flops(step: Callable[[], object]) -> int:
+    """FLOPs of one step (matmuls, convolutions, attention) as torch.utils.flop_counter counts them."""
+    _register_cpu_sdpa_flops()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def interleaved(contestants: Dict[str, object], rounds: int, warmup: int = 1,
+                log: Callable[[str], None] = print) -> Dict[str, List[Dict[str, float]]]:
+    """Round-robin: every round steps each contestant once, so load from other processes
+    on this shared machine falls on all of them alike. The first ``warmup`` rounds are dropped."""
+    results: Dict[str, List[Dict[str, float]]] = {name: [] for name in contestants}
+    for r in range(warmup + rounds):
+        for name, c in contestants.items():
+            m = timed_step(c.step)
+            if r >= warmup:
+                results[name].append(m)
+        log(f"round {r + 1}/{warmup + rounds}" + (" (warm-up)" if r < warmup else "") + ": "
+            + ", ".join(f"{n}={results[n][-1]['s']:.2f}s" for n in contestants if r >= warmup))
+    return results
+
+
+def median(values: List[float]) -> float:
+    return statistics.median(values) if values else float("nan")
