@@ -6,8 +6,9 @@
 #
 # PATH: an SD3 / SD3.5 single-file checkpoint that includes its text encoders (e.g.
 # sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors). DIR: a folder of images with same-name
-# .txt captions. Writes the LoRA, its loss history and a preview PNG made with the trained LoRA
-# into the output folder it prints (default: demo_out/).
+# .txt captions (or kohya N_name repeat folders), or an sd-scripts dataset .toml file. Writes
+# the LoRA, its loss history and a preview PNG made with the trained LoRA into the output folder
+# it prints (default: demo_out/).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CHECKPOINT="" DATASET="" STEPS="" RESOLUTION="" OUT="$ROOT/demo_out" EXTRA=()
@@ -19,7 +20,7 @@ while [ $# -gt 0 ]; do
     --resolution) RESOLUTION="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --set) EXTRA+=(--set "$2"); shift 2 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "demo.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -39,10 +40,15 @@ if [ -z "$CHECKPOINT" ]; then
   EXTRA=(--set "SD3LoraSettings.learning_rate=0.001" "${EXTRA[@]}")
 fi
 [ -f "$CHECKPOINT" ] || { echo "demo.sh: checkpoint not found: $CHECKPOINT" >&2; exit 2; }
-[ -n "$DATASET" ] && [ -d "$DATASET" ] || { echo "demo.sh: --dataset must be a folder of images with .txt captions" >&2; exit 2; }
+if [ -f "$DATASET" ] && [[ "$DATASET" == *.toml ]]; then
+  DATASET="$(cd "$(dirname "$DATASET")" && pwd)/$(basename "$DATASET")"  # the folder input takes a TOML too
+elif [ -n "$DATASET" ] && [ -d "$DATASET" ]; then
+  DATASET="$(cd "$DATASET" && pwd)"
+else
+  echo "demo.sh: --dataset must be a folder of images with .txt captions or a dataset .toml file" >&2; exit 2
+fi
 CKPT_NAME="$(basename "$CHECKPOINT")"
 ln -sfn "$(cd "$(dirname "$CHECKPOINT")" && pwd)/$CKPT_NAME" "$BASE/models/checkpoints/$CKPT_NAME"
-DATASET="$(cd "$DATASET" && pwd)"
 [ -z "$STEPS" ] || EXTRA+=(--set "SD3LoraTrain.steps=$STEPS")
 [ -z "$RESOLUTION" ] || EXTRA+=(--set "SD3LoraImageFolder.resolution=$RESOLUTION" \
   --set "EmptySD3LatentImage.width=$RESOLUTION" --set "EmptySD3LatentImage.height=$RESOLUTION")

@@ -1,121 +1,199 @@
-"""Image-folder datasets: images with same-name ``.txt`` captions, resized and center-cropped."""
+"""Image files and captions: finding them, checking them cheaply, and decoding them at a bucket size.
+
+Files are checked from their headers when a dataset is built and decoded only when they are
+encoded, so a dataset of thousands of images costs no memory until its latents are cached.
+"""
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+import random
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+from .captions import CaptionOptions
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # larger images are skipped: no decompression bombs
+_READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class DatasetError(ValueError):
-    """Bad dataset input; the message names the file or folder and the fix."""
+    """Bad dataset input; the message names the file, folder or key and the fix."""
+
+
+@dataclass(frozen=True)
+class Subset:
+    """Images that share settings: sd-scripts' ``[[datasets.subsets]]`` (defaults as there, except
+    ``caption_extension``, ``.txt`` here)."""
+
+    image_dir: str = ""
+    num_repeats: int = 1         # each image counts this many times per epoch
+    caption_extension: str = ".txt"
+    is_reg: bool = False         # regularisation images: weighted by prior_loss_weight
+    flip_aug: bool = False       # random horizontal flips (both flips are cached)
+    random_crop: bool = False    # random instead of center crop (no latent cache)
+    color_aug: bool = False      # random hue/gamma changes (no latent cache)
+    alpha_mask: bool = False     # the alpha channel becomes the loss mask (else composited on white)
+    captions: CaptionOptions = field(default_factory=CaptionOptions)
 
 
 @dataclass
 class ImageCaption:
-    """One training sample before encoding. image: [H, W, 3] float32 in 0..1."""
+    """One training image before encoding.
+
+    ``content`` is a digest of the file's bytes (or of the pixels for images from the graph):
+    caches are keyed by it. ``bucket`` is the training size and ``resized`` the size the image
+    is scaled to before cropping to it, both (width, height).
+    """
 
     path: str
     caption: str
-    image: torch.Tensor
+    subset: Subset
+    size: Tuple[int, int]
+    content: str
+    bucket: Tuple[int, int] = (0, 0)
+    resized: Tuple[int, int] = (0, 0)
+    pixels: Optional[torch.Tensor] = None  # [H, W, 3] 0..1, for images from the graph
+    mask: Optional[torch.Tensor] = None    # [H, W] 0..1 loss mask, for images from the graph
+
+    @property
+    def image(self) -> torch.Tensor:
+        """The image at its bucket size, [h, w, 3] float32 in 0..1 (decoded now)."""
+        return load_pixels(self)[0]
 
 
-def list_images(folder: str | os.PathLike) -> List[Path]:
-    """Image files directly in ``folder`` (sorted), or a DatasetError saying what is wrong."""
-    root = Path(folder).expanduser()
+def parse_repeat_folder(name: str) -> Optional[Tuple[int, str]]:
+    """kohya's ``N_name`` folder: (N repeats, class tokens "name"), or None for other names.
+
+    Example:
+        >>> parse_repeat_folder("10_sks dog")
+        (10, 'sks dog')
+    """
+    m = re.fullmatch(r"(\d+)_(.*)", name)
+    return (int(m.group(1)), m.group(2).strip()) if m else None
+
+
+def check_folder(folder: str | os.PathLike, what: str = "image folder") -> Path:
+    """``folder`` as a Path if it is a readable directory, else a DatasetError saying what is wrong."""
     if not str(folder).strip():
-        raise DatasetError("no image folder given: set folder to a directory of images with .txt captions")
+        raise DatasetError(f"no {what} given: set it to a directory of images with caption files")
+    root = Path(folder).expanduser()
     if not root.exists():
-        raise DatasetError(f"image folder not found: {root}. Set folder to an existing directory of images")
+        raise DatasetError(f"{what} not found: {root}. Set it to an existing directory of images")
     if not root.is_dir():
-        raise DatasetError(f"{root} is a file, not a folder. Set folder to the directory that holds the images")
-    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        raise DatasetError(f"{root} is a file, not a folder. Set the {what} to the directory that holds the images")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise DatasetError(f"{what} {root} is not readable by this process; fix its permissions or copy the images")
+    return root
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = True) -> List[Path]:
+    """Image files in ``folder`` (and below it, skipping hidden folders), sorted; a DatasetError
+    when the folder is missing or holds none."""
+    root = check_folder(folder)
+    files = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if not x.startswith(".")) if recursive else []
+        files.extend(Path(d) / n for n in names)
+    files = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}. Put the training images there")
     return files
 
 
-def read_caption(image_path: Path, caption_extension: str = ".txt") -> str:
-    """The caption beside an image (same name, ``caption_extension``); empty if there is none."""
+def read_caption(image_path: Path, caption_extension: str = ".txt") -> Optional[str]:
+    """The caption beside an image (same name, ``caption_extension``), or None if there is none."""
     cap = image_path.with_suffix(caption_extension)
-    if not cap.exists():
-        return ""
+    if not cap.is_file():
+        return None
     try:
         return cap.read_text(encoding="utf-8").strip()
     except UnicodeDecodeError as e:
         raise DatasetError(f"caption {cap} is not UTF-8 text ({e}); re-save it as UTF-8") from e
 
 
-def resize_center_crop(img: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale ``img`` to cover width x height, then crop the center; keeps the aspect ratio."""
-    scale = max(width / img.width, height / img.height)
-    new_size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
-    img = img.resize(new_size, Image.Resampling.LANCZOS)
-    left = (img.width - width) // 2
-    top = (img.height - height) // 2
-    return img.crop((left, top, left + width, top + height))
-
-
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """Open, EXIF-orient, make RGB and resize/crop ``path`` to a [res, res, 3] float tensor in 0..1."""
+def scan_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[Tuple[int, int], str]:
+    """(size after EXIF orientation, sha256 of the file) from the header only; DatasetError for an
+    empty, unreadable, non-image or over-large file."""
+    data = path.read_bytes()
+    if not data:
+        raise DatasetError(f"{path} is empty (0 bytes)")
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                # Composite transparency on white, as most trainers do, instead of a black fringe.
-                rgba = im.convert("RGBA")
-                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, rgba)
-            im = im.convert("RGB")
-            im = resize_center_crop(im, resolution, resolution)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"cannot read image {path}: {e}. Remove or replace the file") from e
-    return torch.from_numpy(arr.copy())
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated 90/270 degrees
+                w, h = h, w
+    except _READ_ERRORS as e:
+        raise DatasetError(f"cannot read image {path}: not a readable image ({type(e).__name__}: {e})") from e
+    if w * h > max_pixels:
+        raise DatasetError(f"{path} is {w}x{h} = {w * h / 1e6:.0f} Mpx, above the {max_pixels / 1e6:.0f} Mpx limit; "
+                           f"downscale it or raise max_megapixels")
+    return (w, h), hashlib.sha256(data).hexdigest()
 
 
-def load_folder(folder: str | os.PathLike, resolution: int, caption_extension: str = ".txt") -> List[ImageCaption]:
-    """Every image of ``folder`` with its caption, at ``resolution`` x ``resolution``."""
-    if resolution < 64 or resolution % 16:
-        raise DatasetError(f"resolution must be a multiple of 16 and at least 64 (got {resolution})")
-    return [ImageCaption(str(p), read_caption(p, caption_extension), load_image(p, resolution))
-            for p in list_images(folder)]
+def _open_rgb(sample: ImageCaption) -> Tuple[Image.Image, Optional[Image.Image]]:
+    """The sample as an RGB PIL image, and its loss mask ("L") when the subset keeps one."""
+    if sample.pixels is not None:
+        arr = (sample.pixels.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        mask = sample.mask
+        return Image.fromarray(arr), (Image.fromarray((mask.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
+                                      if mask is not None else None)
+    with Image.open(sample.path) as im:
+        im = ImageOps.exif_transpose(im)
+        im.load()
+    has_alpha = im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info)
+    if sample.subset.alpha_mask:
+        # Keep the colours under transparent pixels (sd-scripts does) and train only where alpha > 0.
+        rgba = im.convert("RGBA")
+        return rgba.convert("RGB"), rgba.getchannel("A")
+    if has_alpha:  # composite on white instead of a black fringe
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return im.convert("RGB"), None
 
 
-def fingerprint(samples: List[ImageCaption]) -> str:
-    """A digest of the images' pixels and captions: equal data gives an equal fingerprint."""
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(s.caption.encode("utf-8"))
-        h.update(str(tuple(s.image.shape)).encode())
-        h.update(s.image.numpy().tobytes())
-    return h.hexdigest()[:16]
+def _color_aug(img: Image.Image, rng: random.Random) -> Image.Image:
+    """sd-scripts' color_aug: a third of the time, a hue shift of up to ±8/180 or a gamma of 0.95-1.05."""
+    if rng.random() > 0.33:
+        return img
+    if rng.random() > 0.5:
+        h, s, v = img.convert("HSV").split()
+        shift = int(round(rng.uniform(-8, 8) * 256 / 180))
+        h = h.point(lambda x: (x + shift) % 256)
+        return Image.merge("HSV", (h, s, v)).convert("RGB")
+    gamma = rng.uniform(0.95, 1.05)
+    return img.point(lambda x: int(min(255, 255 * (x / 255) ** gamma)))
 
 
-@dataclass
-class FolderDataset:
-    """A loaded image folder: what the dataset node hands to the training node."""
-
-    folder: str
-    resolution: int
-    samples: List[ImageCaption]
-
-    @property
-    def fingerprint(self) -> str:
-        return f"{self.resolution}:{fingerprint(self.samples)}"
-
-    def tag_frequency(self) -> dict:
-        """sd-scripts' ``ss_tag_frequency``: {folder name: {comma-separated tag: count}}."""
-        counts: dict = {}
-        for s in self.samples:
-            for tag in (t.strip() for t in s.caption.split(",")):
-                if tag:
-                    counts[tag] = counts.get(tag, 0) + 1
-        return {Path(self.folder).name: counts}
+def load_pixels(sample: ImageCaption, rng: Optional[random.Random] = None,
+                flip: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Decode, resize to ``sample.resized`` and crop to ``sample.bucket`` (center, or random with
+    ``random_crop`` and an ``rng``); returns (image [h, w, 3], mask [h, w] or None), float32 in 0..1."""
+    try:
+        img, mask = _open_rgb(sample)
+    except _READ_ERRORS as e:
+        raise DatasetError(f"cannot read image {sample.path}: {e}. Remove or replace the file") from e
+    (bw, bh), (rw, rh) = sample.bucket, sample.resized
+    left, top = (rw - bw) // 2, (rh - bh) // 2
+    if sample.subset.random_crop and rng is not None:
+        left, top = rng.randint(0, rw - bw), rng.randint(0, rh - bh)
+    box = (left, top, left + bw, top + bh)
+    img = img.resize((rw, rh), Image.Resampling.LANCZOS).crop(box)
+    if sample.subset.color_aug and rng is not None:
+        img = _color_aug(img, rng)
+    if flip:
+        img = ImageOps.mirror(img)
+    image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+    if mask is None:
+        return image, None
+    mask = mask.resize((rw, rh), Image.Resampling.BILINEAR).crop(box)
+    if flip:
+        mask = ImageOps.mirror(mask)
+    return image, torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
