@@ -8,8 +8,9 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from . import checkpoint
 from .batches import EncodedData
-from .state import TrainState
+from .state import TrainState, kohya_tensors
 
 MAX_SESSIONS = 4  # each holds its LoRA, optimiser state and encoded data; keep memory bounded
 
@@ -60,6 +61,11 @@ def get_or_start(key: str, fingerprint: dict, start: Callable[[], Session]) -> T
     return session, note
 
 
+def current(key: str) -> Optional[Session]:
+    """The session under ``key`` (None when there is none), without touching its recency."""
+    return _SESSIONS.get(key)
+
+
 def forget(key: str) -> None:
     """Drop the session under ``key`` (the next run starts fresh)."""
     _SESSIONS.pop(key, None)
@@ -77,10 +83,12 @@ class LoraSnapshot:
     info: dict
     step: int
     losses: list
+    state: Optional[dict] = None  # trainer.checkpoint.state_dict(): what 'Save State' writes to disk
 
 
 def snapshot(session: Session) -> LoraSnapshot:
-    """Copy the session's LoRA tensors (kohya layout, float32) and progress."""
+    """Copy the session's LoRA tensors (kohya layout, float32), progress and full training state."""
     st = session.state
-    return LoraSnapshot(tensors=st.network.kohya_state_dict(torch.float32), config=st.config,
-                        info=dict(session.info), step=st.step, losses=list(st.losses))
+    return LoraSnapshot(tensors=kohya_tensors(st, torch.float32), config=st.config,
+                        info=dict(session.info), step=st.step, losses=list(st.losses),
+                        state=checkpoint.state_dict(st, session.info))

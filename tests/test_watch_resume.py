@@ -1,0 +1,145 @@
+"""Watch, sample, stop and continue, through the real host in-process: live events and history,
+loss output and chart, samples made with the host's sampler, Cancel/continue and save/resume
+bitwise equal to an uninterrupted run, and the workflow written next to saved files."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import comfy.model_management
+import comfy.utils
+
+WORKFLOW = {"workflow": {"nodes": [{"id": 4, "type": "SD3LoraTrain"}], "links": [], "version": 0.4}}
+
+
+@pytest.fixture(scope="module")
+def dataset(N, dataset_dir):
+    with torch.inference_mode():
+        return N["SD3LoraImageFolder"]().load(str(dataset_dir), 64, ".txt")[0]
+
+
+@pytest.fixture
+def events(pack, monkeypatch):
+    """Every live event the train node sends, as (type, data)."""
+    seen = []
+    monkeypatch.setattr(pack.nodes.live, "send", lambda kind, data: seen.append((kind, data)))
+    return seen
+
+
+def config(pack, **kw):
+    return pack.trainer.config.TrainConfig(**dict(dict(network_dim=4, network_alpha=4.0, learning_rate=1e-3,
+                                                       seed=3), **kw)).validate()
+
+
+def train(N, pack, loaded, dataset, steps, node_id, **inputs):
+    model, clip, vae = loaded
+    with torch.inference_mode():  # the executor's mode
+        return N["SD3LoraTrain"]().run(model, clip, vae, dataset, config(pack), steps, unique_id=node_id,
+                                       extra_pnginfo=WORKFLOW, **inputs)["result"]
+
+
+def tensors_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def straight(N, pack, loaded, dataset):
+    """Six uninterrupted steps: the reference every stop-and-continue run must equal bitwise."""
+    return train(N, pack, loaded, dataset, 6, "ref")[1]
+
+
+def test_cancel_then_continue_equals_uninterrupted_bitwise(N, pack, loaded, dataset, straight):
+    def hook(value, total, preview, node_id=None):
+        if value == 2 and total == 6:  # the step bar, not the dataset-caching bar before it
+            comfy.model_management.interrupt_current_processing(True)  # what the Cancel button does
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            train(N, pack, loaded, dataset, 6, "cancel")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert pack.trainer.session.current("node:cancel").state.step == 2
+    lora = train(N, pack, loaded, dataset, 4, "cancel")[1]
+    assert lora.step == 6 and lora.losses == straight.losses
+    assert tensors_equal(lora.tensors, straight.tensors)
+
+
+def test_save_state_then_resume_in_a_fresh_session_equals_uninterrupted_bitwise(N, pack, loaded, dataset, straight,
+                                                                                 base_dir):
+    first = train(N, pack, loaded, dataset, 2, "disk")[1]
+    path = N["SD3LoraSaveState"]().save(first, "resume_test", extra_pnginfo=WORKFLOW)["result"][0]
+    assert path.endswith("sd3_lora_states/resume_test.json")
+    assert json.loads((base_dir / "output/sd3_lora_states/resume_test.workflow.json").read_text()) == WORKFLOW["workflow"]
+    pack.trainer.session.forget("node:disk")  # as after a restart: nothing in memory
+    resume = N["SD3LoraResume"]().load("resume_test", "error")[0]
+    out = train(N, pack, loaded, dataset, 4, "disk", resume=resume)
+    assert "resumed from" in out[2] and "at step 2" in out[2]
+    assert out[1].losses == straight.losses and tensors_equal(out[1].tensors, straight.tensors)
+    # Queued again with the same (now older) state connected: continues in memory, no rewind.
+    again = train(N, pack, loaded, dataset, 1, "disk", resume=resume)
+    assert again[1].step == 7 and "continuing from step 6" in again[2]
+
+
+def test_resume_if_missing(N, pack, loaded, dataset):
+    with pytest.raises(FileNotFoundError, match="no_such_state.json"):
+        N["SD3LoraResume"]().load("no_such_state", "error")
+    resume = N["SD3LoraResume"]().load("no_such_state", "start new session")[0]
+    out = train(N, pack, loaded, dataset, 1, "missing", resume=resume)
+    assert out[1].step == 1 and "no saved state at" in out[2]
+
+
+def test_live_events_history_route_data_and_loss_outputs(N, pack, loaded, dataset, events):
+    out = train(N, pack, loaded, dataset, 3, "live")
+    progress = [d for t, d in events if t == "sd3lora.progress"]
+    assert [d["step"] for d in progress[:3]] == [1, 2, 3] and progress[-1]["done"]
+    assert all(d["node"] == "live" and d["total"] == 3 and d["lr"] == pytest.approx(1e-3) for d in progress)
+    assert [d["loss"] for d in progress[:3]] == out[1].losses
+    assert progress[2]["steps_per_s"] > 0 and progress[2]["eta_s"] == 0
+    view = pack.nodes.live.history("live")
+    assert view["losses"] == out[1].losses and not view["running"] and view["step"] == 3
+    assert out[3] == {"loss": out[1].losses}
+    image = N["SD3LoraLossPlot"]().plot(out[3], 256, 128, 0.9)[0]
+    assert image.shape == (1, 128, 256, 3) and image.min() >= 0 and image.max() <= 1
+    # The smoothed line (orange) is drawn: some pixels are far from white and grey.
+    assert ((image[0, :, :, 0] > 0.8) & (image[0, :, :, 2] < 0.4)).sum() > 20
+
+
+def test_samples_do_not_disturb_training_and_carry_the_workflow(N, pack, loaded, dataset, straight, events, base_dir):
+    sampling = N["SD3LoraSampling"]().build("a red square --s 2 --d 5\nblue circle --w 64 --h 48 --s 2 --n dark",
+                                            3, True, "euler", "sgm_uniform", "sd3_lora_samples/t")[0]
+    out = train(N, pack, loaded, dataset, 6, "sampled", sampling=sampling)
+    # Sampling between steps goes through the host's LoRA patching and must leave training exact.
+    assert out[1].losses == straight.losses and tensors_equal(out[1].tensors, straight.tensors)
+    made = [d for t, d in events if t == "sd3lora.samples"]
+    assert [d["step"] for d in made] == [0, 3, 6] and all(len(d["images"]) == 2 for d in made)
+    assert out[4].shape == (2, 64, 64, 3)  # the newest set, the 64x48 one fitted to the first's size
+    png = Image.open(base_dir / "output" / made[-1]["images"][1]["subfolder"] / made[-1]["images"][1]["filename"])
+    assert png.size == (64, 48) and json.loads(png.info["workflow"]) == WORKFLOW["workflow"]
+    assert pack.nodes.live.history("sampled")["samples"] == made[-1]["images"]
+    # The newest samples show the trained LoRA: they differ from the untrained ones (step 0).
+    first = Image.open(base_dir / "output" / made[0]["images"][0]["subfolder"] / made[0]["images"][0]["filename"])
+    last = Image.open(base_dir / "output" / made[-1]["images"][0]["subfolder"] / made[-1]["images"][0]["filename"])
+    assert first.tobytes() != last.tobytes()
+
+
+def test_save_writes_the_workflow_next_to_the_lora(N, straight, base_dir):
+    N["SD3LoraSave"]().save(straight, "provenance", "loras", "float", extra_pnginfo=WORKFLOW)
+    saved = base_dir / "models" / "loras" / "provenance.workflow.json"
+    assert json.loads(saved.read_text()) == WORKFLOW["workflow"]
+
+
+def test_sample_prompt_options_and_errors(pack):
+    sp = pack.trainer.sample_prompts
+    p = sp.parse_line("a cat, sitting --w 512 --h 768 --s 28 --l 4.5 --d 7 --n blurry, low quality", sp.SamplePrompt(""))
+    assert (p.prompt, p.width, p.height, p.steps, p.cfg, p.seed, p.negative) == \
+        ("a cat, sitting", 512, 768, 28, 4.5, 7, "blurry, low quality")
+    assert [q.prompt for q in sp.parse_prompts("# comment\n\none\ntwo --s 3", sp.SamplePrompt(""))] == ["one", "two"]
+    with pytest.raises(ValueError, match="line 2: unknown option --q"):
+        sp.parse_prompts("ok\nbad --q 3", sp.SamplePrompt(""))
+    with pytest.raises(ValueError, match="--w needs a int"):
+        sp.parse_line("x --w big", sp.SamplePrompt(""))
+    with pytest.raises(ValueError, match="height 50 must be a multiple of 16"):
+        sp.parse_line("x --h 50", sp.SamplePrompt(""))
