@@ -1,17 +1,24 @@
 """The one place that knows ComfyUI's MODEL / CLIP / VAE objects and turns them into trainer inputs."""
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 import comfy.model_base
 import comfy.model_management
 import comfy.sd
+import comfy.utils
 
-from ..trainer.data import ImageCaption
-from ..trainer.batches import EncodedData
+from ..trainer.batches import BucketedData
+from ..trainer.encode import Encoders, EncodeStats, encode_training_data, total_items
+from ..trainer.prepare import backward_safe_norms, freeze_base_model, model_signature
+from ..trainer.training_data import TrainingData
+from ..trainer.validation import validation_loss
+from .text import encode_caption
 
 log = logging.getLogger(__name__)
 
@@ -57,39 +64,146 @@ def _pad_tokens(conds: List[torch.Tensor]) -> List[torch.Tensor]:
     return [torch.nn.functional.pad(c, (0, 0, 0, longest - c.shape[1])) for c in conds]
 
 
-def encode_dataset(model, clip, vae, samples: List[ImageCaption]) -> EncodedData:
-    """VAE latents (in the model's latent space) and CLIP/T5 outputs for every sample, computed once."""
+def vae_identity(model, vae) -> str:
+    """What a cached latent depends on besides its image: the VAE's weights and dtype and the
+    model's latent scaling (``process_in``)."""
+    fmt = model.model.latent_format
+    return (f"{model_signature(vae.first_stage_model)}:{getattr(vae, 'vae_dtype', '')}:"
+            f"{type(fmt).__name__}:{getattr(fmt, 'scale_factor', '')}:{getattr(fmt, 'shift_factor', '')}")
+
+
+def clip_identity(clip, settings: str = "") -> str:
+    """What a cached text-encoder output depends on besides its caption: the encoders' weights,
+    the CLIP layer, and the caller's encoder ``settings`` (e.g. token lengths)."""
+    return f"{model_signature(clip.cond_stage_model)}:{getattr(clip, 'layer_idx', None)}:{settings}"
+
+
+# Settings that change what the text encoders return for a caption (part of the cache key).
+TEXT_OPTIONS = ("t5xxl_max_token_length", "apply_lg_attn_mask", "apply_t5_attn_mask")
+
+
+def text_options(settings) -> dict:
+    """The caption-encoding options of ``settings`` (those it has)."""
+    return {k: getattr(settings, k) for k in TEXT_OPTIONS if hasattr(settings, k)}
+
+
+def _encode_text(clip, caption: str, options: dict) -> Tuple[torch.Tensor, torch.Tensor]:
+    cond, pooled = encode_caption(clip, caption, **options)
+    return cond.float().clone(), pooled.float().clone()
+
+
+def encode_dataset(model, clip, vae, dataset: TrainingData, settings=None) -> Tuple[BucketedData, EncodeStats]:
+    """The batch source of ``dataset``: VAE latents (in the model's latent space) and CLIP/T5
+    outputs (with the text options of ``settings``), taken from the cache where an entry for the
+    same content, encoders and options exists and encoded otherwise. Shows a progress bar; Cancel
+    stops it (what was cached so far stays)."""
     if clip is None:
         raise ValueError("the CLIP input is empty: this checkpoint has no text encoders. "
                          "Load them with 'TripleCLIPLoader' and connect its CLIP output")
     if vae is None:
         raise ValueError("the VAE input is empty: this checkpoint has no VAE. Load one with 'Load VAE'")
-    latents, conds, pooled = [], [], []
+
+    def encode_image(image: torch.Tensor) -> torch.Tensor:
+        z = vae.encode(image.clone())
+        return model.model.latent_format.process_in(z.float()).clone()
+
+    options = text_options(settings)
+    enc = Encoders(encode_image, lambda caption: _encode_text(clip, caption, options), vae_identity(model, vae),
+                   clip_identity(clip, json.dumps(options, sort_keys=True)))
+    bar = comfy.utils.ProgressBar(total_items(dataset))
+
+    def progress():
+        bar.update(1)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
     with torch.inference_mode(False), torch.no_grad():
-        for s in samples:
-            z = vae.encode(s.image[None].clone())
-            latents.append(model.model.latent_format.process_in(z.float()).clone())
-            cond, pool = clip.encode_from_tokens(clip.tokenize(s.caption), return_pooled=True)
-            conds.append(cond.float().clone())
-            pooled.append(pool.float().clone())
-    device = model.load_device
-    return EncodedData(latents=torch.cat(latents).to(device), context=torch.cat(_pad_tokens(conds)).to(device),
-                       pooled=torch.cat(pooled).to(device))
+        source, stats = encode_training_data(dataset, enc, model.load_device, progress)
+    log.info("SD3 LoRA dataset %s: %s", dataset.source, stats)
+    if dataset.cache.text != "none":
+        release_text_encoders(clip)
+    return source, stats
 
 
-def encode_captions(clip, captions: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Text-encoder outputs (context [B, L, D], pooled [B, P]) for captions encoded per step."""
+def release_text_encoders(clip) -> None:
+    """Unload the text encoders from the GPU once every caption is cached (they are not trained);
+    a no-op when they run on the CPU. They load again by themselves if something encodes later."""
+    mm, patcher = comfy.model_management, clip.patcher
+    if patcher.load_device == patcher.offload_device:
+        return  # on the CPU there is no separate memory to free
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        if mm.current_loaded_models[i].model is patcher and mm.current_loaded_models[i].model_unload():
+            mm.current_loaded_models.pop(i)
+
+
+def encode_captions(clip, captions: List[str], options: Optional[dict] = None,
+                    grad: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Text-encoder outputs (context [B, L, D], pooled [B, P]) for captions encoded per step, with
+    the settings' text options; ``grad`` keeps the graph when text-encoder LoRAs are trained."""
     conds, pooled = [], []
-    with torch.no_grad():  # the text encoders are frozen
+    with torch.enable_grad() if grad else torch.no_grad():
         for caption in captions:
-            cond, pool = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
-            conds.append(cond.float().clone())
-            pooled.append(pool.float().clone())
+            cond, pool = encode_caption(clip, caption, **(options or {}))
+            conds.append(cond.float() if grad else cond.float().clone())
+            pooled.append(pool.float() if grad else pool.float().clone())
     return torch.cat(_pad_tokens(conds)), torch.cat(pooled)
 
 
-def model_with_lora(model, kohya_tensors) -> Tuple[object, int]:
-    """A clone of ``model`` with the LoRA attached as weight patches, through the host's own loader;
-    the input model is left untouched. Returns (model, number of patched weights)."""
-    patched, _ = comfy.sd.load_lora_for_models(model, None, kohya_tensors, 1.0, 0.0)
-    return patched, len(patched.patches)
+def text_encoder_modules(clip) -> dict:
+    """The host CLIP's SD3 text encoders by sd-scripts' order: {"clip_l", "clip_g", "t5xxl": module or None}."""
+    stack = getattr(clip, "cond_stage_model", None)
+    return {name: getattr(getattr(stack, name, None), "transformer", None) for name in ("clip_l", "clip_g", "t5xxl")}
+
+
+@contextlib.contextmanager
+def text_loras_attached(clip, text_networks: dict):
+    """While active, the host's text encoders carry the text-encoder LoRAs and can be backpropagated
+    through (frozen base, inference tensors replaced, norms fed copies); restored afterwards."""
+    if not text_networks:
+        yield
+        return
+    clip.load_model()
+    modules = text_encoder_modules(clip)
+    with contextlib.ExitStack() as stack:
+        for name, net in text_networks.items():
+            freeze_base_model(modules[name])
+            stack.enter_context(backward_safe_norms(modules[name]))
+            net.attach(modules[name])
+            stack.callback(net.detach)
+            net.train()
+        yield
+
+
+def model_with_lora(model, kohya_tensors, clip=None) -> Tuple[object, object]:
+    """Clones of ``model`` (and ``clip`` when the LoRA has text-encoder parts) with the LoRA attached
+    as weight patches, through the host's own loader; the inputs are left untouched."""
+    has_text = clip is not None and any(k.startswith("lora_te") for k in kohya_tensors)
+    patched, patched_clip = comfy.sd.load_lora_for_models(model, clip if has_text else None, kohya_tensors,
+                                                          1.0, 1.0 if has_text else 0.0)
+    return patched, (patched_clip if has_text else clip)
+
+
+def maybe_validate(session, mmdit: torch.nn.Module, step: int, compute_dtype: torch.dtype, clip, dataset,
+                   settings=None) -> Optional[float]:
+    """The validation loss at ``step`` when it is due (every ``validate_every_n_steps``, from the
+    settings if they carry it, else from the dataset node) and the dataset holds images out.
+
+    Called from the loop's ``on_step``, so the LoRA is attached; it is switched to eval mode
+    (no LoRA dropout) for the measurement. Values are kept in ``session.info["validation_loss"]``
+    as [[step, loss], ...] and logged.
+    """
+    every = getattr(settings, "validate_every_n_steps", 0) or getattr(dataset, "validate_every_n_steps", 0)
+    held_out = getattr(session.data, "validation", None)
+    if held_out is None or not every or step % every:
+        return None
+    network = session.state.network
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.inference_mode(False):
+            loss = validation_loss(mmdit, held_out, compute_dtype,
+                                   lambda captions: encode_captions(clip, captions, text_options(settings)))
+    finally:
+        network.train(was_training)
+    session.info.setdefault("validation_loss", []).append([step, loss])
+    log.info("SD3 LoRA validation loss at step %d: %.5f", step, loss)
+    return loss

@@ -76,6 +76,13 @@ class SD3LoraNetworkArgs:
             "network_weights": ("STRING", {"default": "", "tooltip": "Start from this LoRA file (kohya or diffusers "
                                            "names) (--network_weights)."}),
             "verbose": ("BOOLEAN", {"default": False, "tooltip": "List every trained module in the summary (verbose)."}),
+            "network_train_unet_only": ("BOOLEAN", {"default": True, "tooltip": "Off: also train LoRAs on CLIP-L "
+                                        "(lora_te1_) and CLIP-G (lora_te2_); needs the dataset's text cache off "
+                                        "(--network_train_unet_only)."}),
+            "train_t5xxl": ("BOOLEAN", {"default": False, "tooltip": "With text-encoder training, also T5-XXL "
+                            "(lora_te3_; large) (train_t5xxl)."}),
+            "text_encoder_lr": ("STRING", {"default": "", "tooltip": "Text-encoder learning rate: one value or "
+                                "CLIP-L,CLIP-G,T5; empty = learning_rate (--text_encoder_lr)."}),
         })}
 
     RETURN_TYPES = (NETWORK_ARGS,)

@@ -13,10 +13,12 @@ import comfy.utils
 from ..trainer import session as sessions
 from ..trainer.lora_file import detect_variant
 from ..trainer.loop import train
-from ..trainer.prepare import freeze_base_model, model_signature
-from ..trainer.state import build_network, new_train_state
+from ..trainer.prepare import check_fp8_base, freeze_base_model, model_signature
+from ..trainer.state import build_network, build_text_networks, new_train_state
 from . import host
-from .common import CATEGORY, DATASET, LORA, SETTINGS
+from .common import CATEGORY, DATASET, LORA, LOSS_MAP, SAMPLING, SETTINGS, TRAIN_STATE
+from .state_nodes import get_or_resume
+from .train_extras import RunExtras
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +38,20 @@ class SD3LoraTrain:
                 "steps": ("INT", {"default": 100, "min": 1, "max": 1_000_000,
                                   "tooltip": "Steps to train on each queue; queue again to continue the same session."}),
             },
-            "hidden": {"unique_id": "UNIQUE_ID"},
+            "optional": {
+                "sampling": (SAMPLING, {"tooltip": "Preview samples during training ('SD3 LoRA Sampling')."}),
+                "resume": (TRAIN_STATE, {"tooltip": "Continue from a saved state ('SD3 LoRA Resume')."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
-    RETURN_TYPES = ("MODEL", LORA, "STRING")
-    RETURN_NAMES = ("model", "lora", "summary")
+    RETURN_TYPES = ("MODEL", LORA, "STRING", LOSS_MAP, "IMAGE", "CLIP")
+    RETURN_NAMES = ("model", "lora", "summary", "loss", "samples", "clip")
     OUTPUT_TOOLTIPS = ("A copy of the model with the trained LoRA attached, for KSampler.",
-                       "The trained LoRA, for the save node.", "What this run did.")
+                       "The trained LoRA, for the save node.", "What this run did.",
+                       "The session's loss per step ({'loss': [...]}), for 'SD3 LoRA Loss Plot'.",
+                       "The newest samples (with a Sampling node connected; else a black 64x64 image).",
+                       "The CLIP with the text-encoder LoRA attached (the input CLIP when only the MMDiT is trained).")
     FUNCTION = "run"
     CATEGORY = CATEGORY
     DESCRIPTION = "Trains an SD3 LoRA; queue again to continue from the last step."
@@ -52,47 +61,70 @@ class SD3LoraTrain:
         # Training has to run on every queue even when no input changed.
         return float("nan")
 
-    def run(self, model, clip, vae, dataset, settings, steps, unique_id=None):
+    def run(self, model, clip, vae, dataset, settings, steps, sampling=None, resume=None, unique_id=None,
+            prompt=None, extra_pnginfo=None):
         mmdit = host.require_sd3(model)
         host.check_resolution(mmdit, dataset.resolution)
+        check_fp8_base(mmdit, settings.fp8_base)
         key = f"node:{unique_id}"
         with torch.inference_mode(False):
             mmdit = host.load_for_training(model)
             freeze_base_model(mmdit)
             fingerprint = dict(settings.to_dict(), dataset=dataset.fingerprint, model=model_signature(mmdit))
-            session, note = sessions.get_or_start(key, fingerprint,
-                                                  lambda: self._start(key, fingerprint, model, clip, vae, dataset,
-                                                                      settings, mmdit))
+            session, note = get_or_resume(key, fingerprint,
+                                          lambda: self._start(key, fingerprint, model, clip, vae, dataset,
+                                                              settings, mmdit), resume, mmdit, settings)
             log.info("SD3 LoRA train (%s): %s", key, note)
             start_step = session.state.step
             bar = comfy.utils.ProgressBar(steps)
+            extras = RunExtras(unique_id, session, steps, model, sampling, clip, vae, dataset.resolution,
+                               prompt, extra_pnginfo)
             t0 = time.perf_counter()
-            done = train(mmdit, session.data, session.state, steps, host.compute_dtype(model),
-                         on_step=lambda step, loss: bar.update(1),
-                         should_stop=comfy.model_management.processing_interrupted,
-                         encode_text=lambda captions: host.encode_captions(clip, captions))
-            elapsed = time.perf_counter() - t0
-        # Cancel: every finished step stays in the session; the next queue continues from it.
-        comfy.model_management.throw_exception_if_processing_interrupted()
+            text_options = host.text_options(settings)
+            text_networks = session.state.text_networks
+            try:
+                extras.before()
+                with host.text_loras_attached(clip, text_networks):
+                        done = train(mmdit, session.data, session.state, steps, host.compute_dtype(model),
+                                 on_step=lambda step, loss: (bar.update(1), extras.on_step(step, loss, mmdit),
+                                                             host.maybe_validate(session, mmdit, step,
+                                                                                 host.compute_dtype(model), clip,
+                                                                                 dataset, settings)),
+                                 should_stop=comfy.model_management.processing_interrupted,
+                                 encode_text=lambda captions: host.encode_captions(clip, captions, text_options,
+                                                                                   grad=bool(text_networks)))
+                elapsed = time.perf_counter() - t0
+                # Cancel: every finished step stays in the session; the next queue continues from it.
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                samples = extras.after()
+            finally:
+                extras.finish()
         snap = sessions.snapshot(session)
-        patched, _ = host.model_with_lora(model, snap.tensors)
+        patched, patched_clip = host.model_with_lora(model, snap.tensors, clip)
         summary = (f"{note}; trained steps {start_step + 1}-{session.state.step} ({done} steps, "
                    f"{elapsed / max(done, 1):.2f} s/step); last loss {snap.losses[-1]:.4f}")
-        return {"ui": {"text": [summary]}, "result": (patched, snap, summary)}
+        if settings.verbose:
+            summary += "\ntrained modules:\n" + "\n".join(
+                f"{name:60} rank {m.rank}" for net in [session.state.network, *text_networks.values()]
+                for name, m in net.loras.items())
+        return {"ui": {"text": [summary]},
+                "result": (patched, snap, summary, {"loss": list(snap.losses)}, samples, patched_clip)}
 
     @staticmethod
     def _start(key, fingerprint, model, clip, vae, dataset, settings, mmdit):
-        """Encode the dataset once and build a fresh LoRA network and optimiser."""
-        data = host.encode_dataset(model, clip, vae, dataset.samples)
+        """Encode the dataset (or find it in the cache) and build a fresh LoRA network and optimiser."""
+        host.check_resolution(mmdit, dataset.max_side)  # buckets may be longer than the resolution
+        text_networks = build_text_networks(host.text_encoder_modules(clip), settings)
+        if text_networks and dataset.cache.text != "none":
+            raise ValueError("network_train_unet_only is off, so the text encoders are trained and their outputs "
+                             "change every step: set the dataset's cache_text_encoder_outputs to none")
+        data, stats = host.encode_dataset(model, clip, vae, dataset, settings)
         network = build_network(mmdit, settings)
-        info = {
-            "variant": detect_variant(mmdit),
-            "resolution": dataset.resolution,
-            "num_images": len(dataset.samples),
-            "dataset_dirs": {dataset.folder: {"n_repeats": 1, "img_count": len(dataset.samples)}},
-            "tag_frequency": dataset.tag_frequency(),
-            "started_at": time.time(),
-            "session_id": uuid.uuid4().int % 2**31,
-        }
-        return sessions.Session(key=key, fingerprint=fingerprint, state=new_train_state(settings, network),
+        info = dict(dataset.metadata_info(),
+                    variant=detect_variant(mmdit),
+                    num_batches_per_epoch=data.num_batches(settings.train_batch_size),
+                    data_note=f"{stats}" + "".join(f"; skipped {s}" for s in stats.skipped),
+                    started_at=time.time(),
+                    session_id=uuid.uuid4().int % 2**31)
+        return sessions.Session(key=key, fingerprint=fingerprint, state=new_train_state(settings, network, text_networks),
                                 data=data, info=info)

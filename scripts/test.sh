@@ -4,6 +4,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
+# Chromium for the browser test (tests/test_browser.py); a no-op once installed.
+bash "$ROOT/scripts/setup_browser.sh"
 # Run from tests/ (its pytest.ini makes it the rootdir): the repository root is the ComfyUI pack
 # package itself, and pytest must not try to import its __init__.py as a test package.
 cd "$ROOT/tests"

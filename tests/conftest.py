@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOST_DIR = REPO_ROOT / ".host" / "ComfyUI"
@@ -93,6 +94,19 @@ def install_checkpoint(base_dir: Path, name: str, **kwargs) -> str:
     if not dst.exists():
         dst.symlink_to(src)
     return name
+
+
+@pytest.fixture(scope="session")
+def N(host):
+    """The host's node classes (stock and this pack's) by name."""
+    return host.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="session")
+def loaded(N, sd35m_checkpoint):
+    """(MODEL, CLIP, VAE) of the SD3.5-Medium-shaped fixture through the stock CheckpointLoaderSimple."""
+    with torch.inference_mode():
+        return N["CheckpointLoaderSimple"]().load_checkpoint(sd35m_checkpoint)[:3]
 
 
 @pytest.fixture(scope="session")

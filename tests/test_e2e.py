@@ -14,9 +14,22 @@ WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "example_workflows").g
 TINY_MODEL_OVERRIDES = ["SD3LoraSettings.learning_rate=0.001", "SD3LoraSave.save_precision=float"]
 
 
-def _overrides(ckpt: str, wf_name: str) -> list:
-    return [f"CheckpointLoaderSimple.ckpt_name={ckpt}", "SD3LoraImageFolder.folder=tiny_dataset",
-            f"SD3LoraSave.output_name=e2e_{wf_name}"] + TINY_MODEL_OVERRIDES
+# An sd-scripts dataset config for workflows that read one (relative image_dir: next to the file).
+TINY_DATASET_TOML = '[general]\ncaption_extension = ".txt"\n\n[[datasets]]\nresolution = 256\n\n' \
+                    '[[datasets.subsets]]\nimage_dir = "tiny_dataset"\n'
+
+
+def _overrides(ckpt: str, wf_name: str, prompt=None, base_dir=None) -> list:
+    """The tiny-fixture overrides for the node classes the workflow has (each workflow uses a subset)."""
+    overrides = [f"CheckpointLoaderSimple.ckpt_name={ckpt}", "SD3LoraImageFolder.folder=tiny_dataset",
+                 f"SD3LoraSave.output_name=e2e_{wf_name}"] + TINY_MODEL_OVERRIDES
+    if prompt is None:
+        return overrides
+    classes = {node["class_type"] for node in prompt.values()}
+    if "SD3LoraDatasetConfig" in classes:
+        (base_dir / "input" / "tiny_dataset.toml").write_text(TINY_DATASET_TOML)
+        overrides.append("SD3LoraDatasetConfig.toml_path=tiny_dataset.toml")
+    return [o for o in overrides if o.split(".", 1)[0] in classes]
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +42,19 @@ def object_info(comfy_server):
 def test_example_workflow_trains_saves_and_previews(workflow_path, comfy_server, object_info, base_dir,
                                                     sd35m_checkpoint, dataset_dir, host):
     workflow = json.loads(workflow_path.read_text())
-    prompt = headless.apply_overrides(headless.editor_to_api(workflow, object_info),
-                                      _overrides(sd35m_checkpoint, workflow_path.stem), object_info)
+    converted = headless.editor_to_api(workflow, object_info)
+    prompt = headless.apply_overrides(converted, _overrides(sd35m_checkpoint, workflow_path.stem, converted, base_dir),
+                                      object_info)
     train_id = next(k for k, v in prompt.items() if v["class_type"] == "SD3LoraTrain")
     steps = prompt[train_id]["inputs"]["steps"]
     events = []
     entry = headless.run_prompt(comfy_server.url, prompt, on_event=lambda t, d: events.append((t, d)),
-                                timeout=900)
+                                timeout=900, extra_data={"extra_pnginfo": {"workflow": workflow}})
     assert entry["status"]["status_str"] == "success"
+
+    # The pack's live events reached the websocket client: one per step, then the end of the run.
+    live = [d for t, d in events if t == "sd3lora.progress" and d["node"] == train_id]
+    assert [d["step"] for d in live if not d.get("done")][-1] == steps and live[-1].get("done")
 
     # The host's progress bar moved once per step on the training node.
     train_progress = [d["value"] for t, d in events if t == "progress" and str(d.get("node")) == train_id]
@@ -45,6 +63,7 @@ def test_example_workflow_trains_saves_and_previews(workflow_path, comfy_server,
     # The LoRA file: kohya names, metadata, and every key mapped by the host's own LoRA key map.
     lora_path = base_dir / "models" / "loras" / f"e2e_{workflow_path.stem}.safetensors"
     assert lora_path.exists()
+    assert json.loads(lora_path.with_suffix(".workflow.json").read_text()) == workflow  # provenance
     with safe_open(str(lora_path), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
         tensors = {k: f.get_tensor(k) for k in keys}
@@ -54,9 +73,9 @@ def test_example_workflow_trains_saves_and_previews(workflow_path, comfy_server,
     import comfy.lora
     import comfy.sd
 
-    model = comfy.sd.load_checkpoint_guess_config(str(base_dir / "models" / "checkpoints" / sd35m_checkpoint),
-                                                  output_vae=False, output_clip=False)[0]
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    model, clip = comfy.sd.load_checkpoint_guess_config(str(base_dir / "models" / "checkpoints" / sd35m_checkpoint),
+                                                        output_vae=False, output_clip=True)[:2]
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, comfy.lora.model_lora_keys_unet(model.model, {}))
     modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}
     assert modules and all(m in key_map for m in modules), sorted(m for m in modules if m not in key_map)[:5]
     assert len(comfy.lora.load_lora(tensors, key_map)) == len(modules)  # the loader leaves no key unused
@@ -76,7 +95,7 @@ def test_example_workflow_trains_saves_and_previews(workflow_path, comfy_server,
 @pytest.mark.slow
 def test_bad_dataset_folder_is_a_node_error_and_server_keeps_serving(comfy_server, object_info,
                                                                       sd35m_checkpoint, dataset_dir):
-    workflow = json.loads(WORKFLOWS[0].read_text())
+    workflow = json.loads((WORKFLOWS[0].parent / "train_and_preview.json").read_text())
     prompt = headless.apply_overrides(headless.editor_to_api(workflow, object_info),
                                       _overrides(sd35m_checkpoint, "bad") + ["SD3LoraImageFolder.folder=no_such_dir"],
                                       object_info)

@@ -5,9 +5,9 @@ from safetensors import safe_open
 
 from conftest import install_checkpoint
 
-SETTINGS = dict(network_dim=4, network_alpha=4.0, learning_rate=1e-3, train_batch_size=1, weighting_scheme="uniform",
-                logit_mean=0.0, logit_std=1.0, mode_scale=1.29, training_shift=1.0, max_grad_norm=1.0,
-                mixed_precision="no", seed=1)
+from train_settings import SETTINGS as BASE
+
+SETTINGS = dict(BASE, network_dim=4, network_alpha=4.0, seed=1)
 
 
 @pytest.fixture(scope="module")
