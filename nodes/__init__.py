@@ -1,6 +1,7 @@
 """ComfyUI node classes of this pack: thin adapters over ``trainer/``."""
 from .dataset import SD3LoraDatasetConfig, SD3LoraImageFolder, SD3LoraImagesFromGraph
 from .save import SD3LoraSave
+from .save_every import SD3LoraSaveEvery
 from .settings import SD3LoraAdvanced, SD3LoraNetworkArgs, SD3LoraOptimizer, SD3LoraSettings
 from .train import SD3LoraTrain
 
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "SD3LoraAdvanced": SD3LoraAdvanced,
     "SD3LoraTrain": SD3LoraTrain,
     "SD3LoraSave": SD3LoraSave,
+    "SD3LoraSaveEvery": SD3LoraSaveEvery,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "SD3LoraImageFolder": "SD3 LoRA Dataset (image folder)",
@@ -25,6 +27,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SD3LoraAdvanced": "SD3 LoRA Advanced",
     "SD3LoraTrain": "SD3 LoRA Train",
     "SD3LoraSave": "SD3 LoRA Save",
+    "SD3LoraSaveEvery": "SD3 LoRA Save Every",
 }
 
 # Watch, sample, plot, stop and continue (kept in one block so other node groups merge cleanly).

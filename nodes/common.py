@@ -11,3 +11,4 @@ LOSS_MAP = "LOSS_MAP"             # {"loss": [floats]}: the host's own type, so 
 NETWORK_ARGS = "SD3_LORA_NETWORK_ARGS"
 OPTIMIZER = "SD3_LORA_OPTIMIZER"
 ADVANCED = "SD3_LORA_ADVANCED"
+SAVE_EVERY = "SD3_LORA_SAVE_EVERY"  # save_every_n_steps options (SD3 LoRA Save Every node)

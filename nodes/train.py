@@ -16,7 +16,8 @@ from ..trainer.loop import train
 from ..trainer.prepare import check_fp8_base, freeze_base_model, model_signature
 from ..trainer.state import build_network, build_text_networks, new_train_state
 from . import host
-from .common import CATEGORY, DATASET, LORA, LOSS_MAP, SAMPLING, SETTINGS, TRAIN_STATE
+from .common import CATEGORY, DATASET, LORA, LOSS_MAP, SAMPLING, SAVE_EVERY, SETTINGS, TRAIN_STATE
+from .save_every import save_if_due
 from .state_nodes import get_or_resume
 from .train_extras import RunExtras
 
@@ -41,6 +42,7 @@ class SD3LoraTrain:
             "optional": {
                 "sampling": (SAMPLING, {"tooltip": "Preview samples during training ('SD3 LoRA Sampling')."}),
                 "resume": (TRAIN_STATE, {"tooltip": "Continue from a saved state ('SD3 LoRA Resume')."}),
+                "save_every": (SAVE_EVERY, {"tooltip": "Write LoRA files during the run ('SD3 LoRA Save Every')."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
@@ -61,8 +63,8 @@ class SD3LoraTrain:
         # Training has to run on every queue even when no input changed.
         return float("nan")
 
-    def run(self, model, clip, vae, dataset, settings, steps, sampling=None, resume=None, unique_id=None,
-            prompt=None, extra_pnginfo=None):
+    def run(self, model, clip, vae, dataset, settings, steps, sampling=None, resume=None, save_every=None,
+            unique_id=None, prompt=None, extra_pnginfo=None):
         mmdit = host.require_sd3(model)
         host.check_resolution(mmdit, dataset.resolution)
         check_fp8_base(mmdit, settings.fp8_base)
@@ -89,7 +91,8 @@ class SD3LoraTrain:
                                  on_step=lambda step, loss: (bar.update(1), extras.on_step(step, loss, mmdit),
                                                              host.maybe_validate(session, mmdit, step,
                                                                                  host.compute_dtype(model), clip,
-                                                                                 dataset, settings)),
+                                                                                 dataset, settings),
+                                                             save_if_due(save_every, session, step)),
                                  should_stop=comfy.model_management.processing_interrupted,
                                  encode_text=lambda captions: host.encode_captions(clip, captions, text_options,
                                                                                    grad=bool(text_networks)))
