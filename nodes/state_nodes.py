@@ -51,9 +51,6 @@ class SD3LoraSaveState:
     DESCRIPTION = "Saves the training state so 'SD3 LoRA Resume' can continue it exactly, even after a restart."
 
     def save(self, lora, state_name, extra_pnginfo=None):
-        if lora.state is None and any(k.startswith("lora_te") for k in lora.tensors):
-            raise ValueError("Save State does not cover text-encoder LoRAs yet: train with network_train_unet_only "
-                             "on to save and resume the state, or save the LoRA itself with 'SD3 LoRA Save'")
         if lora.state is None:
             raise ValueError("this LoRA carries no training state: connect the 'lora' output of 'SD3 LoRA Train'")
         stem = state_stem(state_name)
@@ -104,7 +101,7 @@ class SD3LoraResume:
 
 
 def get_or_resume(key: str, fingerprint: dict, start: Callable[[], sessions.Session], resume: Optional[ResumeState],
-                  mmdit, config) -> Tuple[sessions.Session, str]:
+                  mmdit, config, text_encoders: Optional[dict] = None) -> Tuple[sessions.Session, str]:
     """Like ``sessions.get_or_start``, but start from ``resume``'s saved state unless the session in
     memory already descends from it (same session id, at or past its step): then it continues.
 
@@ -124,7 +121,7 @@ def get_or_resume(key: str, fingerprint: dict, start: Callable[[], sessions.Sess
 
     def start_from_state():
         session = start()
-        session.state, found = checkpoint.restore(saved, mmdit, config)
+        session.state, found = checkpoint.restore(saved, mmdit, config, text_encoders)
         warnings.extend(found)
         # The LoRA metadata describes the whole run, not only this process's part of it.
         session.info.update({k: saved[checkpoint.INFO][k] for k in ("session_id", "started_at")

@@ -75,7 +75,8 @@ class SD3LoraTrain:
             fingerprint = dict(settings.to_dict(), dataset=dataset.fingerprint, model=model_signature(mmdit))
             session, note = get_or_resume(key, fingerprint,
                                           lambda: self._start(key, fingerprint, model, clip, vae, dataset,
-                                                              settings, mmdit), resume, mmdit, settings)
+                                                              settings, mmdit), resume, mmdit, settings,
+                                          host.text_encoder_modules(clip))
             log.info("SD3 LoRA train (%s): %s", key, note)
             start_step = session.state.step
             bar = comfy.utils.ProgressBar(steps)

@@ -13,14 +13,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import safetensors.torch
 import torch
 
 from .config import TrainConfig
 from .lora_targets import TYPE_DIM_NAMES
-from .state import TrainState, build_network, new_train_state
+from .state import TrainState, build_network, build_text_networks, new_train_state
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ INFO = "info"            # session facts for the LoRA metadata (variant, dataset
 VERSION = "format_version"
 # Config values that define the network (which layers, ranks, scale, dtype): on resume the saved ones win.
 ARCHITECTURE_KEYS = ("network_dim", "network_alpha") + TYPE_DIM_NAMES + (
-    "emb_dims", "train_block_indices", "split_qkv", "full_bf16")
+    "emb_dims", "train_block_indices", "split_qkv", "full_bf16", "network_train_unet_only", "train_t5xxl")
 _TENSOR_SECTIONS = (LORA, OPTIMIZER, RNG)
 
 
@@ -60,8 +60,6 @@ class Progress:
 
 def state_dict(state: TrainState, info: dict) -> dict:
     """A detached copy of everything needed to continue ``state`` bit for bit."""
-    if state.text_networks:
-        return None  # not yet covered: text-encoder LoRAs live on the host's CLIP (see save_state)
     opt = state.optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, entries in opt["state"].items():
@@ -74,7 +72,7 @@ def state_dict(state: TrainState, info: dict) -> dict:
     scheduler, scaler = getattr(state, "scheduler", None), getattr(state, "scaler", None)
     return {
         VERSION: FORMAT_VERSION,
-        LORA: {k: v.detach().cpu().clone() for k, v in network.get_adapter_params().items()},
+        LORA: {k: v.detach().cpu().clone() for k, v in _all_params(network, state.text_networks).items()},
         OPTIMIZER: {"tensors": tensors, "scalars": scalars, "param_groups": opt["param_groups"],
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "scaler": scaler.state_dict() if scaler is not None else None},
@@ -148,8 +146,18 @@ def reconcile_config(config: TrainConfig, ckpt: dict) -> Tuple[TrainConfig, List
     return dataclasses.replace(config, **changes), warnings
 
 
-def restore(ckpt: dict, mmdit: torch.nn.Module, config: TrainConfig) -> Tuple[TrainState, List[str]]:
-    """A TrainState that continues exactly where ``ckpt`` stopped, for ``mmdit``.
+def _all_params(network, text_networks: dict) -> Dict[str, torch.Tensor]:
+    """Every LoRA parameter by name; text-encoder ones as "<encoder>/<name>" (e.g. "clip_l/loras...")."""
+    params = dict(network.get_adapter_params())
+    for encoder, net in (text_networks or {}).items():
+        params.update({f"{encoder}/{k}": v for k, v in net.get_adapter_params().items()})
+    return params
+
+
+def restore(ckpt: dict, mmdit: torch.nn.Module, config: TrainConfig,
+            text_encoders: Optional[dict] = None) -> Tuple[TrainState, List[str]]:
+    """A TrainState that continues exactly where ``ckpt`` stopped, for ``mmdit`` (and, when the
+    state has text-encoder LoRAs, the host's ``text_encoders``: {"clip_l": module, ...}).
 
     Architecture values (:data:`ARCHITECTURE_KEYS`: ranks, targets, alpha) come from the checkpoint;
     every other setting from ``config``. Returns (state, warnings about settings the checkpoint
@@ -164,7 +172,8 @@ def restore(ckpt: dict, mmdit: torch.nn.Module, config: TrainConfig) -> Tuple[Tr
     # Built fresh, then overwritten: the network's own init is the one place that knows its layout.
     network = build_network(mmdit, dataclasses.replace(config, network_weights="")
                             if hasattr(config, "network_weights") else config)
-    params = network.get_adapter_params()
+    text_networks = build_text_networks(text_encoders or {}, config)
+    params = _all_params(network, text_networks)
     saved = ckpt[LORA]
     if set(params) != set(saved) or any(params[k].shape != saved[k].shape for k in params):
         raise ValueError(f"the saved state's LoRA does not fit this model ({len(saved)} saved tensors, "
@@ -173,7 +182,7 @@ def restore(ckpt: dict, mmdit: torch.nn.Module, config: TrainConfig) -> Tuple[Tr
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(saved[name])
-    state = new_train_state(config, network)
+    state = new_train_state(config, network, text_networks)
     opt = ckpt[OPTIMIZER]
     state.optimizer.load_state_dict(_optimizer_state(opt))
     if opt.get("scheduler") is not None and getattr(state, "scheduler", None) is not None:
@@ -193,7 +202,8 @@ def _optimizer_state(saved: dict) -> dict:
     for flat in (saved["tensors"], saved["scalars"]):
         for key, value in flat.items():
             index, name = key.split(".", 1)
-            state.setdefault(int(index), {})[name] = value
+            # A copy: tensors read under the host's inference mode cannot be updated in place later.
+            state.setdefault(int(index), {})[name] = value.clone() if torch.is_tensor(value) else value
     # JSON has no tuples; torch's optimizers document betas as a tuple.
     groups = [dict(g, betas=tuple(g["betas"])) if isinstance(g.get("betas"), list) else dict(g)
               for g in saved["param_groups"]]
