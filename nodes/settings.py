@@ -140,6 +140,8 @@ class SD3LoraAdvanced:
                           "mixed_precision bf16 (--full_bf16)."}),
             "fp8_base": ("BOOLEAN", {"default": False, "tooltip": "Train on float8-stored base weights: load the "
                          "model with 'Load Diffusion Model' weight_dtype fp8_e4m3fn (--fp8_base)."}),
+            "blocks_to_swap": _int(0, 0, 100, "Joint blocks kept in CPU memory and brought to the GPU just before "
+                                   "use, forward and backward (--blocks_to_swap); saves VRAM, costs copies."),
             "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute each block in backward: "
                                        "much less memory, slower (--gradient_checkpointing)."}),
             "t5xxl_max_token_length": _int(_D.t5xxl_max_token_length, 1, 4096, "T5 tokens per caption "

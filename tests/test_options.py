@@ -202,3 +202,22 @@ def test_network_weights_start_from_a_saved_lora(tmp_path, naming):
         torch.testing.assert_close(module.ups[0], trained.network.loras[name].ups[0])
     with pytest.raises(ValueError, match="file not found"):
         build_network(model, TrainConfig(network_weights=str(tmp_path / "nope.safetensors")))
+
+
+def test_blocks_to_swap_runs_the_schedule_and_changes_nothing_numerically():
+    # On the CPU the "device" is the CPU too: the hooks and moves run, the numbers must not change.
+    model = tiny_mmdit(depth=4)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def run(n):
+        cfg = TrainConfig(network_dim=4, learning_rate=1e-3, seed=5, blocks_to_swap=n).validate()
+        state = new_train_state(cfg, build_network(model, cfg))
+        train(model, _data(), state, 3)
+        return state
+
+    swapped, plain = run(2), run(0)
+    assert swapped.losses == plain.losses and torch.equal(_weights(swapped), _weights(plain))
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert not any(block._forward_pre_hooks for block in model.joint_blocks)  # hooks removed after the run
+    with pytest.raises(ValueError, match="blocks_to_swap"):
+        run(3)  # the window on the device must hold at least two blocks

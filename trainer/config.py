@@ -76,6 +76,7 @@ class TrainConfig:
     mixed_precision: str = "no"      # "bf16"/"fp16" autocast of the forward (fp16 with a grad scaler)
     full_bf16: bool = False          # LoRA weights and optimiser state in bf16
     fp8_base: bool = False           # frozen weights stored in float8 (the model loaded as fp8_e4m3fn)
+    blocks_to_swap: int = 0          # joint blocks kept in CPU memory, each brought to the GPU just before use
     gradient_checkpointing: bool = False  # recompute each joint block in backward: less memory, ~30% slower
     # reproducibility
     seed: int = 42                   # seeds LoRA init, data order, noise, timesteps and dropouts
@@ -90,6 +91,7 @@ class TrainConfig:
             _check(v is None or v >= 0, f"{name} must be >= 0 (0 = not trained) or empty (got {v})")
         parse_emb_dims(self.emb_dims)
         parse_block_selection(self.train_block_indices, 1000)
+        _check(self.blocks_to_swap >= 0, f"blocks_to_swap must be >= 0 (got {self.blocks_to_swap})")
         _check(1 <= self.t5xxl_max_token_length <= 4096,
                f"t5xxl_max_token_length must be in 1..4096 (got {self.t5xxl_max_token_length}); 256 is sd-scripts' default")
         for name in ("network_dropout", "rank_dropout", "module_dropout", "clip_l_dropout_rate",

@@ -7,6 +7,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from . import flow, text
+from .offload import BlockSwapper, Mover
 from .pos_embed import PositionEmbedder
 from .batches import Batch
 from .state import TrainState, next_batch
@@ -96,6 +97,26 @@ def _gradient_checkpointing(mmdit: torch.nn.Module, enabled: bool):
             mmdit.use_checkpoint = previous
 
 
+@contextlib.contextmanager
+def _block_swap(mmdit: torch.nn.Module, blocks_to_swap: int):
+    """sd-scripts' blocks_to_swap for the run: N joint blocks wait in CPU memory and come to the
+    model's device just before they run (trainer/offload.py). Afterwards every block is back on
+    the device, so the caller's model is whole again."""
+    if blocks_to_swap <= 0:
+        yield
+        return
+    device = next(mmdit.joint_blocks.parameters()).device
+    swapper = BlockSwapper(mmdit.joint_blocks, blocks_to_swap, Mover(device)).install()
+    try:
+        yield
+    finally:
+        swapper.remove()
+        for i, block in enumerate(swapper.blocks):
+            if i not in swapper.on_device:
+                swapper.mover.to_device(i, block)
+                swapper.mover.wait(i, block)
+
+
 def _latent_sizes(data) -> List[int]:
     """Square-root latent sizes of the training images (one per bucket), for scaled position tables."""
     if hasattr(data, "latent_sizes"):
@@ -120,7 +141,8 @@ def train(mmdit: torch.nn.Module, data, state: TrainState, num_steps: int,
     state.network.train()
     done = 0
     try:
-        with _gradient_checkpointing(mmdit, cfg.gradient_checkpointing), positions.active():
+        with _gradient_checkpointing(mmdit, cfg.gradient_checkpointing), positions.active(), \
+                _block_swap(mmdit, cfg.blocks_to_swap):
             for _ in range(num_steps):
                 if should_stop is not None and should_stop():
                     break

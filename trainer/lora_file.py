@@ -73,6 +73,7 @@ def build_metadata(config: TrainConfig, info: dict, step: int, output_name: str)
         "ss_total_batch_size": str(config.train_batch_size * config.gradient_accumulation_steps),
         "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
         "ss_gradient_checkpointing": str(config.gradient_checkpointing),
+        "ss_blocks_to_swap": str(config.blocks_to_swap),
         "ss_lr_scheduler": config.lr_scheduler,
         "ss_lr_warmup_steps": str(config.lr_warmup_steps),
         "ss_optimizer": config.optimizer_type + (f"({config.optimizer_args})" if config.optimizer_args else ""),
