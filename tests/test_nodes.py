@@ -9,7 +9,7 @@ from safetensors import safe_open
 import comfy.model_management
 import comfy.utils
 
-from train_settings import settings  # noqa: E402
+from train_settings import SETTINGS as SETTINGS_FOR_VERBOSE, settings  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +160,18 @@ def test_network_dim_below_one_is_refused(N):
     with pytest.raises(ValueError, match="network_dim must be at least 1"):
         settings(N, network_dim=0)
     assert N["SD3LoraSettings"].INPUT_TYPES()["required"]["network_dim"][1]["min"] == 1
+
+
+def test_verbose_lists_every_trained_module(N, loaded, dataset):
+    with torch.inference_mode():
+        args = N["SD3LoraNetworkArgs"]().build(
+            context_attn_dim=-1, context_mlp_dim=0, context_mod_dim=-1, x_attn_dim=2, x_mlp_dim=-1, x_mod_dim=-1,
+            emb_dims="", train_block_indices="all", split_qkv=False, network_dropout=0.0, rank_dropout=0.0,
+            module_dropout=0.0, loraplus_lr_ratio=0.0, network_weights="", verbose=True,
+            network_train_unet_only=True, train_t5xxl=False, text_encoder_lr="")[0]
+        cfg = N["SD3LoraSettings"]().build(network_args=args, **dict(SETTINGS_FOR_VERBOSE))[0]
+        summary = N["SD3LoraTrain"]().run(*loaded, dataset, cfg, 1, unique_id="verbose")["result"][2]
+    lines = summary.split("trained modules:\n")[1].splitlines()
+    assert any(l.startswith("lora_unet_joint_blocks_0_x_block_attn_qkv") and l.endswith("rank 2") for l in lines)
+    assert not any("context_block_mlp" in l for l in lines)
+    assert all(l.endswith("rank 8") for l in lines if "x_block_mlp" in l)

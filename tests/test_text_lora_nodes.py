@@ -1,5 +1,7 @@
 """Training a text-encoder LoRA through the nodes: lora_te1_ keys saved, stock LoraLoader patches
 the CLIP with zero unmapped keys, and the train node's CLIP output carries the LoRA."""
+import sys
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -33,6 +35,10 @@ def test_text_encoder_lora_through_the_nodes(host, sd35m_checkpoint, dataset_dir
             train.run(model, clip, vae, cached, settings, 1, unique_id="te-refuse")
         out = train.run(model, clip, vae, uncached, settings, 3, unique_id="te")["result"]
         lora, trained_clip = out[1], out[5]
+    state = sys.modules[type(train).__module__.rsplit(".nodes.", 1)[0]].trainer.session.current("node:te").state
+    lrs = [g["lr"] for g in state.optimizer.param_groups]
+    assert lrs == [pytest.approx(1e-3), pytest.approx(5e-4)]  # MMDiT at learning_rate, CLIP-L at text_encoder_lr
+    with torch.inference_mode():
         path = N["SD3LoraSave"]().save(lora, "te_nodes", "loras", "float")["result"][0]
     with safe_open(path, "pt") as f:
         keys = list(f.keys())
