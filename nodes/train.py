@@ -82,21 +82,26 @@ class SD3LoraTrain:
             bar = comfy.utils.ProgressBar(steps)
             extras = RunExtras(unique_id, session, steps, model, sampling, clip, vae, dataset.resolution,
                                prompt, extra_pnginfo)
-            t0 = time.perf_counter()
             text_options = host.text_options(settings)
             text_networks = session.state.text_networks
+            dtype = host.compute_dtype(model)
+
+            def after_step(step, loss):
+                """Progress bar, live view and samples, validation, and step saves, after each step."""
+                bar.update(1)
+                extras.on_step(step, loss, mmdit)
+                host.maybe_validate(session, mmdit, step, dtype, clip, dataset, settings)
+                save_if_due(save_every, session, step)
+
+            def encode_text(captions):
+                return host.encode_captions(clip, captions, text_options, grad=bool(text_networks))
+
+            t0 = time.perf_counter()
             try:
                 extras.before()
                 with host.text_loras_attached(clip, text_networks):
-                        done = train(mmdit, session.data, session.state, steps, host.compute_dtype(model),
-                                 on_step=lambda step, loss: (bar.update(1), extras.on_step(step, loss, mmdit),
-                                                             host.maybe_validate(session, mmdit, step,
-                                                                                 host.compute_dtype(model), clip,
-                                                                                 dataset, settings),
-                                                             save_if_due(save_every, session, step)),
-                                 should_stop=comfy.model_management.processing_interrupted,
-                                 encode_text=lambda captions: host.encode_captions(clip, captions, text_options,
-                                                                                   grad=bool(text_networks)))
+                    done = train(mmdit, session.data, session.state, steps, dtype, on_step=after_step,
+                                 should_stop=comfy.model_management.processing_interrupted, encode_text=encode_text)
                 elapsed = time.perf_counter() - t0
                 # Cancel: every finished step stays in the session; the next queue continues from it.
                 comfy.model_management.throw_exception_if_processing_interrupted()
