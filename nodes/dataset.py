@@ -8,6 +8,7 @@ from ..trainer.data import DEFAULT_MAX_PIXELS, DatasetError, Subset, list_images
 from ..trainer.dataset import CACHE_MODES, DatasetOptions, build_group, folder_subsets, graph_samples
 from ..trainer.dataset_toml import parse_dataset_toml
 from ..trainer.training_data import CacheOptions, TrainingData
+from . import live
 from .common import CATEGORY, DATASET
 
 _D = DatasetOptions()  # defaults come from the trainer, defined once
@@ -77,6 +78,9 @@ def _options(resolution, kw) -> DatasetOptions:
     return DatasetOptions(resolution=(resolution, resolution), **{k: v for k, v in kw.items() if k in keys})
 
 
+HIDDEN = {"unique_id": "UNIQUE_ID"}  # the node's id, to show its summary on it in the editor
+
+
 def _finish(groups, source: str, warnings: list, kw: dict):
     """The node's outputs: the TrainingData and its summary (counts, bucket table, warnings).
 
@@ -85,7 +89,11 @@ def _finish(groups, source: str, warnings: list, kw: dict):
                          resolve_folder(kw.get("cache_dir", "") or "")).validate()
     data = TrainingData(groups, source, cache, kw.get("prior_loss_weight", 1.0),
                         kw.get("validate_every_n_steps", 0), warnings)
-    return data, data.summary()
+    summary = data.summary()
+    if kw.get("unique_id") is not None:
+        # Shown on the node by web/dataset_summary.js (image counts and the bucket table).
+        live.send("sd3lora.dataset", {"node": str(kw["unique_id"]), "summary": summary})
+    return data, summary
 
 
 def _stamps(folders) -> str:
@@ -120,7 +128,7 @@ class SD3LoraImageFolder(_DatasetNode):
             "reg_folder": ("STRING", {"default": "", "tooltip": "Optional folder of regularisation images (same "
                            "layout; --reg_data_dir)."}),
             **VALIDATION_INPUTS, **CACHE_INPUTS,
-        }}
+        }, "hidden": dict(HIDDEN)}
 
     DESCRIPTION = "A training dataset from a folder of captioned images (kohya repeat folders supported)."
 
@@ -159,7 +167,7 @@ class SD3LoraDatasetConfig(_DatasetNode):
             "toml_path": ("STRING", {"default": "", "tooltip": "sd-scripts dataset config file (--dataset_config). "
                                      "Absolute, or relative to ComfyUI's input folder; relative image_dir entries "
                                      "are relative to the file's folder."}),
-        }, "optional": dict(CACHE_INPUTS)}
+        }, "optional": dict(CACHE_INPUTS), "hidden": dict(HIDDEN)}
 
     DESCRIPTION = "Datasets from an sd-scripts dataset TOML file (repeats, reg images, buckets, caption options)."
 
@@ -197,7 +205,7 @@ class SD3LoraImagesFromGraph(_DatasetNode):
         }, "optional": {
             "loss_mask": ("MASK", {"tooltip": "Optional loss mask per image (1 = train, 0 = ignore)."}),
             **BUCKET_INPUTS, **CACHE_INPUTS,
-        }}
+        }, "hidden": dict(HIDDEN)}
 
     DESCRIPTION = "A training dataset from an IMAGE batch and captions written on the node."
 

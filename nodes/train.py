@@ -112,6 +112,9 @@ class SD3LoraTrain:
         patched, patched_clip = host.model_with_lora(model, snap.tensors, clip)
         summary = (f"{note}; trained steps {start_step + 1}-{session.state.step} ({done} steps, "
                    f"{elapsed / max(done, 1):.2f} s/step); last loss {snap.losses[-1]:.4f}")
+        validation = session.info.get("validation_loss")
+        if validation:
+            summary += f"; validation loss {validation[-1][1]:.4f} at step {validation[-1][0]}"
         if settings.verbose:
             summary += "\ntrained modules:\n" + "\n".join(
                 f"{name:60} rank {m.rank}" for net in [session.state.network, *text_networks.values()]

@@ -120,6 +120,13 @@ def test_tiny_run_draws_the_loss_chart_and_a_reload_restores_it(page, sd35m_chec
     view = page.evaluate(f"{APP}.graph.getNodeById({train_id}).sd3lora")
     assert len(view["losses"]) == steps and view["step"] == steps and view["total"] == steps
     assert all(isinstance(v, float) for v in view["losses"])
+    # The dataset node shows its summary (counts, bucket table) without changing what is saved.
+    dataset_view = page.evaluate(f"""() => {{ const app = {APP};
+        const n = app.graph._nodes.find(n => n.type === "SD3LoraImageFolder");
+        const saved = app.graph.serialize().nodes.find(s => s.id === n.id).widgets_values;
+        return [n.widgets.find(w => w.name === "dataset summary")?.value ?? "", saved.length, n.widgets.length]; }}""")
+    assert "image" in dataset_view[0].lower(), dataset_view
+    assert dataset_view[1] == dataset_view[2] - 1  # every widget but the summary is saved
     # The chart's smoothed line (orange) is on the canvas, inside the node.
     page.evaluate(f"""() => {{ const app = {APP}; const n = app.graph.getNodeById({train_id});
         app.canvas.bringToFront?.(n);  // over any neighbour the chart's extra height now overlaps

@@ -70,10 +70,12 @@ def test_readme_toml_trains_through_the_nodes(N, pack, loaded, tmp_path):
     assert "bucket (w x h)" in summary and "1 validation" in summary
     assert len({s.bucket for s in dataset.samples}) >= 3  # landscape, portrait and square buckets
 
-    lora = train(N, pack, model, clip, vae, dataset, 4, "data-readme")[1]
+    out = train(N, pack, model, clip, vae, dataset, 4, "data-readme")
+    lora = out[1]
     assert lora.step == 4 and all(l == l for l in lora.losses)
     session = pack.trainer.session._SESSIONS["node:data-readme"]
     assert [s for s, _ in session.info["validation_loss"]] == [2, 4]
+    assert f"validation loss {session.info['validation_loss'][-1][1]:.4f} at step 4" in out[2]  # shown on the node
     path = N["SD3LoraSave"]().save(lora, "data_readme", "loras", "float")["result"][0]
     with safe_open(path, "pt") as f:
         meta = f.metadata()
@@ -166,3 +168,13 @@ def test_folder_input_takes_a_toml_with_the_node_values_as_defaults(N, tmp_path)
     with pytest.raises(ValueError, match=r"d.toml: TOML syntax error"):
         (tmp_path / "d.toml").write_text("[[datasets]\n")
         N["SD3LoraImageFolder"]().load(str(tmp_path / "d.toml"), 96, ".txt")
+
+
+def test_dataset_summary_is_sent_to_its_node(N, pack, dataset_dir, monkeypatch):
+    seen = []
+    monkeypatch.setattr(pack.nodes.live, "send", lambda kind, data: seen.append((kind, data)))
+    with torch.inference_mode():
+        _, summary = N["SD3LoraImageFolder"]().load(str(dataset_dir), 128, ".txt", enable_bucket=True, min_bucket_reso=64,
+                                                   unique_id="17")
+    assert seen == [("sd3lora.dataset", {"node": "17", "summary": summary})]
+    assert "bucket" in summary.lower()
