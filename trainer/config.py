@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -147,9 +146,6 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def fingerprint(self) -> str:
-        """Stable text of every setting, used to tell whether a session can continue."""
-        return json.dumps(self.to_dict(), sort_keys=True)
 
 
 def _check(ok: bool, message: str) -> None:

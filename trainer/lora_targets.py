@@ -135,14 +135,6 @@ def _find(root: nn.Module, path: str) -> Optional[nn.Module]:
         return None
 
 
-def describe_targets(targets: List[TargetSpec]) -> str:
-    """sd-scripts' ``verbose`` listing: one line per trained module with its rank."""
-    from .lora import kohya_name
-
-    return "\n".join(f"{kohya_name(t.path):60} rank {t.rank}" + (" (split qkv)" if t.splits > 1 else "")
-                     for t in targets)
-
-
 def type_dims_from(config) -> List[Optional[int]]:
     """The six per-type ranks of a config (None = network_dim)."""
     return [getattr(config, n, None) for n in TYPE_DIM_NAMES]

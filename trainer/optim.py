@@ -110,8 +110,3 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup_steps: i
         specific["power"] = power
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
                          scheduler_specific_kwargs=specific)
-
-
-def get_lr(scheduler) -> float:
-    """The current learning rate of the first parameter group."""
-    return float(scheduler.get_last_lr()[0])
