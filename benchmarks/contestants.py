@@ -58,25 +58,27 @@ def tensor_bytes(tensors) -> int:
 
 
 class Ours:
-    """This pack's trainer: ``training_step`` on an EncodedData, LoRANetwork attached for the step.
+    """This pack's trainer: ``training_step`` on an EncodedData inside ``trainer.loop.attached``
+    (the LoRA attached, frozen weights in the autocast dtype), exactly as ``train()`` runs it.
 
     Args:
         mmdit: the (frozen) host MMDiT; shared with other ``Ours`` contestants, so the network is
             attached only while this contestant steps.
         compute_dtype: the dtype the inputs are cast to (the host's compute dtype of the model).
         attention: optional replacement for the host MMDiT's attention function (a lever).
-        checkpoint: turn on the MMDiT's own per-block gradient checkpointing for the step.
+        cast_once: False is an ablation: frozen weights stay as stored and autocast casts them in
+            every layer call (what the trainer did before it cast them once per run).
         config_overrides: further TrainConfig settings (e.g. ``split_qkv=True``).
     """
 
     def __init__(self, mmdit, inputs: Inputs, batch: int, bf16: bool, rank: int = 16,
-                 compute_dtype=torch.float32, attention=None, checkpoint: bool = False, **config_overrides):
+                 compute_dtype=torch.float32, attention=None, cast_once: bool = True, **config_overrides):
         from sd3_lora_trainer.trainer.batches import EncodedData
         from sd3_lora_trainer.trainer.config import TrainConfig
         from sd3_lora_trainer.trainer.state import build_network, new_train_state
 
         self.mmdit, self.compute_dtype = mmdit, compute_dtype
-        self.attention, self.checkpoint = attention, checkpoint
+        self.attention, self.cast_once = attention, cast_once
         self.config = TrainConfig(network_dim=rank, network_alpha=float(rank), train_batch_size=batch,
                                   mixed_precision="bf16" if bf16 else "no", **config_overrides).validate()
         self.data = EncodedData(inputs.latents, inputs.context, inputs.pooled)
@@ -84,31 +86,36 @@ class Ours:
         self.state = new_train_state(self.config, self.network)
 
     @contextlib.contextmanager
-    def _active(self):
-        """Attach the LoRA (and any lever) for one step; leave the shared model as it was."""
+    def run(self):
+        """The trainer's once-per-run set-up (plus any lever), entered untimed around the measured
+        steps; the shared model is left as it was afterwards."""
         import comfy.ldm.modules.diffusionmodules.mmdit as mmdit_mod
+        from sd3_lora_trainer.trainer import precision
+        from sd3_lora_trainer.trainer.loop import attached
 
-        saved_attention, saved_ckpt = mmdit_mod.optimized_attention, self.mmdit.use_checkpoint
+        saved_attention = mmdit_mod.optimized_attention
         if self.attention is not None:
             mmdit_mod.optimized_attention = self.attention
-        self.mmdit.use_checkpoint = self.checkpoint
-        self.network.attach(self.mmdit)
         try:
-            yield
+            with attached(self.mmdit, self.state, self.data):
+                if not self.cast_once:
+                    precision.restore_layers(self.network._cast)
+                yield
         finally:
-            self.network.detach()
-            mmdit_mod.optimized_attention, self.mmdit.use_checkpoint = saved_attention, saved_ckpt
+            mmdit_mod.optimized_attention = saved_attention
 
     def step(self) -> float:
+        """One training step; call it inside :meth:`run`."""
         from sd3_lora_trainer.trainer.loop import training_step
 
-        with self._active():
-            return training_step(self.mmdit, self.data, self.state, self.compute_dtype)
+        return training_step(self.mmdit, self.data, self.state, self.compute_dtype)
 
     def resident_bytes(self) -> int:
-        """Frozen weights + LoRA + AdamW state."""
+        """Frozen weights (and their cast copies while attached) + LoRA + optimiser state."""
         opt = [t for s in self.state.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-        return tensor_bytes(list(self.mmdit.state_dict().values()) + list(self.network.parameters()) + opt)
+        with self.run():
+            weights = list(self.mmdit.state_dict().values()) + [p for _, _, p in self.network._cast]
+        return tensor_bytes(weights + list(self.network.parameters()) + opt)
 
 
 class HostWeightWrappers:

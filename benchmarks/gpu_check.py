@@ -45,7 +45,7 @@ def runs(args):
     return out
 
 
-def build(name: str, contestant: str, args, device, dry: bool):
+def build(name: str, contestant: str, swap: int, args, device, dry: bool):
     """A runnable step for one run: the model in bf16 on ``device`` and the contestant around it."""
     import torch
 
@@ -59,8 +59,9 @@ def build(name: str, contestant: str, args, device, dry: bool):
     inputs = C.make_inputs(n=1, latent_size=latent, device=device)
     if contestant == "ours":
         mmdit = host_mmdit(shape, torch.bfloat16, device=device)
-        mmdit.use_checkpoint = True
-        return C.Ours(mmdit, inputs, 1, True, args.rank, torch.bfloat16, checkpoint=True), mmdit
+        # The trainer's own blocks_to_swap and gradient checkpointing, as a user sets them.
+        return C.Ours(mmdit, inputs, 1, True, args.rank, torch.bfloat16, gradient_checkpointing=True,
+                      blocks_to_swap=min(swap, len(mmdit.joint_blocks) - 2)), mmdit
     ref = host_mmdit(shape, torch.bfloat16, device=device)
     mp = host_model_patcher(ref.state_dict(), torch.bfloat16)
     del ref
@@ -72,6 +73,8 @@ def build(name: str, contestant: str, args, device, dry: bool):
 def measure_run(label, name, contestant, swap, cap, args, device, dry):
     """Build, warm up, time ``args.steps`` steps; returns a result row (or the error it hit)."""
     import torch
+
+    import measure
     from sd3_lora_trainer.trainer.offload import BlockSwapper, Mover
 
     cuda = device.type == "cuda"
@@ -80,22 +83,23 @@ def measure_run(label, name, contestant, swap, cap, args, device, dry):
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total) if cap else 1.0, device)
     swapper = None
     try:
-        c, mmdit = build(name, contestant, args, device, dry)
-        if swap:  # the joint blocks' frozen weights go to (pinned) CPU memory, all but a window
+        c, mmdit = build(name, contestant, swap, args, device, dry)
+        if swap and contestant == "host":  # the joint blocks' frozen weights go to (pinned) CPU memory
             swapper = BlockSwapper(mmdit.joint_blocks, min(swap, len(mmdit.joint_blocks) - 2), Mover(device)).install()
         if cuda:  # the peak of the training steps, not of building the model
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        c.step()  # warm-up (allocations, kernels, optimiser state)
-        if cuda:
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(1 if dry else args.steps):
-            c.step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        s_it = (time.perf_counter() - t0) / (1 if dry else args.steps)
+        with measure.run_of(c):  # ours: the LoRA attached and blocks_to_swap installed for the run
+            c.step()  # warm-up (allocations, kernels, optimiser state)
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(1 if dry else args.steps):
+                c.step()
+            if cuda:
+                torch.cuda.synchronize(device)
+            s_it = (time.perf_counter() - t0) / (1 if dry else args.steps)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
         return f"| {label} | {s_it:.2f} | {peak:.1f} | ok |"
     except torch.OutOfMemoryError as e:

@@ -9,6 +9,7 @@ the memory round first hands free memory back (``malloc_trim``); that round is n
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import re
@@ -101,12 +102,19 @@ def interleaved(contestants: Dict[str, object], rounds: int, warmup: int = 1,
     results: Dict[str, List[Dict[str, float]]] = {name: [] for name in contestants}
     for r in range(warmup + rounds):
         for name, c in contestants.items():
-            m = timed_step(c.step)
+            with run_of(c):
+                m = timed_step(c.step)
             if r >= warmup:
                 results[name].append(m)
         log(f"round {r + 1}/{warmup + rounds}" + (" (warm-up)" if r < warmup else "") + ": "
             + ", ".join(f"{n}={results[n][-1]['s']:.2f}s" for n in contestants if r >= warmup))
     return results
+
+
+def run_of(contestant):
+    """The contestant's untimed set-up around its steps (a trainer's once-per-run work, such as
+    attaching the LoRA), or nothing."""
+    return contestant.run() if hasattr(contestant, "run") else contextlib.nullcontext()
 
 
 def median(values: List[float]) -> float:

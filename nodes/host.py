@@ -201,7 +201,8 @@ def maybe_validate(session, mmdit: torch.nn.Module, step: int, compute_dtype: to
     try:
         with torch.inference_mode(False):
             loss = validation_loss(mmdit, held_out, compute_dtype,
-                                   lambda captions: encode_captions(clip, captions, text_options(settings)))
+                                   lambda captions: encode_captions(clip, captions, text_options(settings)),
+                                   mixed_precision=session.state.config.mixed_precision)
     finally:
         network.train(was_training)
     session.info.setdefault("validation_loss", []).append([step, loss])

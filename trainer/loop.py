@@ -9,18 +9,11 @@ import torch
 from . import flow, text
 from .offload import BlockSwapper, Mover
 from .pos_embed import PositionEmbedder
+from .precision import AUTOCAST_DTYPES, autocast
 from .batches import Batch
 from .state import TrainState, next_batch
 
 TextEncoder = Callable[[List[str]], Tuple[torch.Tensor, torch.Tensor]]
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _autocast(mixed_precision: str, device: torch.device):
-    """bf16/fp16 autocast of the forward, or nothing for "no"."""
-    if mixed_precision in AUTOCAST_DTYPES:
-        return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[mixed_precision])
-    return contextlib.nullcontext()
 
 
 def micro_step_loss(mmdit: torch.nn.Module, batch: Batch, state: TrainState, compute_dtype: torch.dtype) -> torch.Tensor:
@@ -34,7 +27,7 @@ def micro_step_loss(mmdit: torch.nn.Module, batch: Batch, state: TrainState, com
     sigmas = flow.sample_sigmas(cfg.weighting_scheme, x0.shape[0], cfg.training_shift, cfg.logit_mean,
                                 cfg.logit_std, cfg.mode_scale, generator=state.generator, device=device)
     x_sigma = flow.add_noise(x0, noise, sigmas)
-    with _autocast(cfg.mixed_precision, device):
+    with autocast(cfg.mixed_precision, device):
         velocity = mmdit(x_sigma.to(compute_dtype), (sigmas * 1000).to(compute_dtype),
                          context=batch.context.to(compute_dtype), y=batch.pooled.to(compute_dtype))
     huber_c = flow.huber_threshold(cfg.huber_schedule, sigmas, cfg.huber_c, cfg.huber_scale)
@@ -125,31 +118,47 @@ def _latent_sizes(data) -> List[int]:
     return [round((h * w) ** 0.5)]
 
 
+@contextlib.contextmanager
+def attached(mmdit: torch.nn.Module, state: TrainState, data):
+    """Everything a run switches on around its steps, undone on exit whatever happens.
+
+    The LoRA is attached in training mode; gradient checkpointing, the position-embedding
+    options and blocks_to_swap are set up. Under autocast the network also gives the frozen
+    layers their weights in the autocast dtype while attached (cast once, not in every layer
+    call), except with blocks_to_swap, which moves the weights as the host stored them.
+    Afterwards the caller's model is exactly as it was.
+    """
+    cfg = state.config
+    positions = PositionEmbedder(mmdit, cfg.pos_emb_random_crop_rate,
+                                 _latent_sizes(data) if cfg.enable_scaled_pos_embed else None, state.generator)
+    state.network.frozen_dtype = None if cfg.blocks_to_swap else AUTOCAST_DTYPES.get(cfg.mixed_precision)
+    state.network.attach(mmdit)
+    state.network.train()
+    try:
+        with _gradient_checkpointing(mmdit, cfg.gradient_checkpointing), positions.active(), \
+                _block_swap(mmdit, cfg.blocks_to_swap):
+            yield
+    finally:
+        state.network.detach()
+        state.network.frozen_dtype = None
+
+
 def train(mmdit: torch.nn.Module, data, state: TrainState, num_steps: int,
           compute_dtype: torch.dtype = torch.float32,
           on_step: Optional[Callable[[int, float], None]] = None,
           should_stop: Optional[Callable[[], bool]] = None, encode_text: Optional[TextEncoder] = None) -> int:
     """Run up to ``num_steps`` steps; stop early (between steps) when ``should_stop()`` is true.
 
-    The LoRA is attached for the run and detached afterwards, whatever happens, so the
+    The run's set-up (:func:`attached`) is undone afterwards, whatever happens, so the
     caller's model is left as it was. Returns the number of steps done.
     """
-    cfg = state.config
-    positions = PositionEmbedder(mmdit, cfg.pos_emb_random_crop_rate,
-                                 _latent_sizes(data) if cfg.enable_scaled_pos_embed else None, state.generator)
-    state.network.attach(mmdit)
-    state.network.train()
     done = 0
-    try:
-        with _gradient_checkpointing(mmdit, cfg.gradient_checkpointing), positions.active(), \
-                _block_swap(mmdit, cfg.blocks_to_swap):
-            for _ in range(num_steps):
-                if should_stop is not None and should_stop():
-                    break
-                loss = training_step(mmdit, data, state, compute_dtype, encode_text)
-                done += 1
-                if on_step is not None:
-                    on_step(state.step, loss)
-    finally:
-        state.network.detach()
+    with attached(mmdit, state, data):
+        for _ in range(num_steps):
+            if should_stop is not None and should_stop():
+                break
+            loss = training_step(mmdit, data, state, compute_dtype, encode_text)
+            done += 1
+            if on_step is not None:
+                on_step(state.step, loss)
     return done

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .lora_targets import TargetSpec, select_targets
+from .precision import Saved, cast_frozen_layers, restore_layers
 
 UNET_PREFIX = "lora_unet_"
 
@@ -88,10 +89,15 @@ class LoRAModule(nn.Module):
         """alpha / rank, the factor the host's LoRA loader applies too."""
         return self.alpha / self.rank
 
-    def _project(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if self.conv:
-            return F.conv2d(F.conv2d(x, down, stride=self.stride, padding=self.padding), up)
-        return F.linear(self._drop(F.linear(x, down)), up)
+    def _project(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                 scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(scaled rank activation after the dropouts, the up weight it still has to meet)."""
+        lx = F.conv2d(x, down, stride=self.stride, padding=self.padding) if self.conv else F.linear(x, down)
+        return self._drop(lx) * scale, up
+
+    def _up(self, lx: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The up projection of a rank activation (a 1x1 conv for a conv module)."""
+        return F.conv2d(lx, up) if self.conv else F.linear(lx, up)
 
     def _rand(self, shape, device) -> torch.Tensor:
         return torch.rand(shape, generator=self.generator).to(device)
@@ -107,14 +113,33 @@ class LoRAModule(nn.Module):
             lx = lx * mask / (1 - self.rank_dropout)
         return lx
 
-    def delta(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The LoRA update for input x (None when module_dropout skips this module this step)."""
+    def delta(self, x: torch.Tensor, base_out: Optional[torch.Tensor] = None,
+              multiplier: float = 1.0) -> Optional[torch.Tensor]:
+        """The LoRA update for input x times ``multiplier`` (None when module_dropout skips this
+        module this step). With ``base_out`` it returns ``base_out`` plus the update instead.
+
+        The scale multiplies the rank-sized activation (16 values per token, not one per output
+        feature), and for a Linear the sum with ``base_out`` happens inside the up matmul
+        (``addmm``), so the update never exists as a separate full-size tensor.
+        """
         if self.training and self.module_dropout and self._rand((1,), "cpu").item() < self.module_dropout:
-            return None
-        x = x.to(self.downs[0].dtype)
-        parts = [self._project(x, d, u) for d, u in zip(self.downs, self.ups)]
-        out = parts[0] if self.splits == 1 else torch.cat(parts, dim=1 if self.conv else -1)
-        return out * self.scale
+            return base_out
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.downs[0].dtype)  # autocast casts both operands itself; a manual cast would copy x
+        scale = self.scale * multiplier
+        parts = [self._project(x, d, u, scale) for d, u in zip(self.downs, self.ups)]
+        if self.splits == 1 and not self.conv and base_out is not None and self._fusable(parts[0][0], base_out):
+            lx, up = parts[0]
+            flat = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), lx.reshape(-1, lx.shape[-1]), up.t())
+            return flat.view(base_out.shape)
+        outs = [self._up(lx, u) for lx, u in parts]
+        out = outs[0] if self.splits == 1 else torch.cat(outs, dim=1 if self.conv else -1)
+        return out if base_out is None else base_out + out.to(base_out.dtype)
+
+    @staticmethod
+    def _fusable(lx: torch.Tensor, base_out: torch.Tensor) -> bool:
+        """addmm needs one dtype for all operands: autocast provides it, or the dtypes already agree."""
+        return torch.is_autocast_enabled(lx.device.type) or lx.dtype == base_out.dtype
 
     def kohya_tensors(self, name: str, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
         """This module in sd-scripts' file layout. A split module is saved fused (down stacked,
@@ -159,9 +184,7 @@ class LoRAWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] (or [B, C, H, W] for a conv) -> the base layer's output plus the update."""
-        out = self.base_layer(x)
-        delta = self.lora.delta(x)
-        return out if delta is None else out + (delta * self.multiplier).to(out.dtype)
+        return self.lora.delta(x, self.base_layer(x), self.multiplier)
 
 
 def _get_parent(root: nn.Module, path: str) -> Tuple[nn.Module, str]:
@@ -191,6 +214,10 @@ class LoRANetwork(nn.Module):
             self.loras[kohya_name(t.path, prefix)] = LoRAModule(
                 mmdit.get_submodule(t.path), t.rank, alpha, t.splits, dtype, dropout, rank_dropout, module_dropout)
         self._attached: List[Tuple[nn.Module, str, nn.Module]] = []
+        # Set by the training loop for a run under autocast: while attached, the model's frozen
+        # layers hold their weights in this dtype (trainer/precision.py).
+        self.frozen_dtype: Optional[torch.dtype] = None
+        self._cast: Saved = []
 
     @classmethod
     def for_model(cls, mmdit: nn.Module, rank: int, alpha: float, lora_dtype: torch.dtype = torch.float32,
@@ -206,7 +233,8 @@ class LoRANetwork(nn.Module):
             m.generator = generator
 
     def attach(self, mmdit: nn.Module) -> None:
-        """Wrap each target layer of ``mmdit`` with a LoRAWrapper sharing this network's parameters."""
+        """Wrap each target layer of ``mmdit`` with a LoRAWrapper sharing this network's parameters
+        (and cast the frozen layers' weights to ``frozen_dtype`` when it is set)."""
         if self._attached:
             raise RuntimeError("LoRA network is already attached to a model; detach() it first")
         try:
@@ -215,12 +243,14 @@ class LoRANetwork(nn.Module):
                 base = getattr(parent, attr)
                 setattr(parent, attr, LoRAWrapper(base, self.loras[kohya_name(path, self.prefix)]))
                 self._attached.append((parent, attr, base))
+            self._cast = cast_frozen_layers(mmdit, self.frozen_dtype)
         except Exception:
             self.detach()
             raise
 
     def detach(self) -> None:
-        """Restore the original layers that :meth:`attach` wrapped."""
+        """Restore the original layers (and weights) that :meth:`attach` wrapped (and cast)."""
+        restore_layers(self._cast)
         while self._attached:
             parent, attr, base = self._attached.pop()
             setattr(parent, attr, base)

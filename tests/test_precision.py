@@ -1,0 +1,98 @@
+"""Speed levers that must not change results: frozen weights cast once per run, the LoRA update
+fused into the up matmul, and fused AdamW."""
+import pytest
+import torch
+from torch import nn
+
+from sd3_lora_trainer.trainer import precision
+from sd3_lora_trainer.trainer.config import TrainConfig
+from sd3_lora_trainer.trainer.lora import LoRAModule, LoRAWrapper
+from sd3_lora_trainer.trainer.loop import attached, train, training_step
+from sd3_lora_trainer.trainer.optim import build_optimizer
+from sd3_lora_trainer.trainer.state import build_network, new_train_state
+from test_loop import _data
+from tiny_mmdit import tiny_mmdit
+
+
+def _bf16_session(model, **kw):
+    cfg = TrainConfig(seed=1, mixed_precision="bf16", learning_rate=1e-2, network_dim=8, **kw).validate()
+    return new_train_state(cfg, build_network(model, cfg))
+
+
+def _steps_and_grads(cast_once: bool, steps: int = 3):
+    """Losses and final LoRA weights of a bf16 run, with the frozen weights cast once or by autocast."""
+    model, data = tiny_mmdit(qk_norm=True, attn2_layers=(0,)), _data()
+    state = _bf16_session(model)
+    with attached(model, state, data):
+        if not cast_once:
+            precision.restore_layers(state.network._cast)
+        assert bool(state.network._cast) == cast_once
+        for _ in range(steps):
+            training_step(model, data, state)
+    return state.losses, {k: v.clone() for k, v in state.network.state_dict().items()}
+
+
+def test_casting_frozen_weights_once_is_bitwise_what_autocast_computes():
+    losses_once, weights_once = _steps_and_grads(cast_once=True)
+    losses_autocast, weights_autocast = _steps_and_grads(cast_once=False)
+    assert losses_once == losses_autocast
+    for k in weights_once:
+        assert torch.equal(weights_once[k], weights_autocast[k]), k
+
+
+def test_cast_weights_are_in_the_autocast_dtype_during_the_run_and_the_originals_return():
+    model, data = tiny_mmdit(), _data()
+    originals = {n: p for n, p in model.named_parameters()}
+    state = _bf16_session(model)
+    seen = []
+    train(model, data, state, 1, on_step=lambda s, l: seen.append(model.joint_blocks[0].x_block.attn.qkv.base_layer.weight.dtype))
+    assert seen == [torch.bfloat16]
+    after = dict(model.named_parameters())
+    assert after.keys() == originals.keys()
+    assert all(after[n] is originals[n] and after[n].dtype == torch.float32 for n in originals)
+
+
+@pytest.mark.parametrize("mixed_precision,blocks_to_swap,cast", [("no", 0, False), ("bf16", 2, False), ("bf16", 0, True)])
+def test_cast_only_under_autocast_and_without_blocks_to_swap(mixed_precision, blocks_to_swap, cast):
+    model, data = tiny_mmdit(depth=4), _data()
+    cfg = TrainConfig(network_dim=4, mixed_precision=mixed_precision, blocks_to_swap=blocks_to_swap).validate()
+    state = new_train_state(cfg, build_network(model, cfg))
+    with attached(model, state, data):
+        assert bool(state.network._cast) == cast
+    assert state.network.frozen_dtype is None and precision.cast_frozen_layers(model, None) == []
+
+
+def test_float8_weights_and_host_weight_functions_are_left_alone():
+    fp8 = nn.Linear(4, 4).to(torch.float8_e4m3fn)
+    patched = nn.Linear(4, 4)
+    patched.weight_function = [lambda w: w]
+    plain = nn.Linear(4, 4)
+    saved = precision.cast_frozen_layers(nn.Sequential(fp8, patched, plain.requires_grad_(False)), torch.bfloat16)
+    assert fp8.weight.dtype == torch.float8_e4m3fn and patched.weight.dtype == torch.float32
+    assert plain.weight.dtype == torch.bfloat16 and plain.bias.dtype == torch.bfloat16
+    precision.restore_layers(saved)
+    assert plain.weight.dtype == torch.float32 and saved == []
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_wrapper_output_equals_the_unfused_formula(autocast, splits):
+    torch.manual_seed(0)
+    base = nn.Linear(12, 24).requires_grad_(False)
+    lora = LoRAModule(base, rank=4, alpha=2.0, splits=splits)
+    for u in lora.ups:
+        nn.init.normal_(u)
+    x = torch.randn(2, 5, 12)
+    ref = base(x) + 0.5 * torch.cat([(x @ d.T) @ u.T for d, u in zip(lora.downs, lora.ups)], -1) * lora.scale
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = LoRAWrapper(base, lora, multiplier=0.5)(x)
+    tol = dict(atol=3e-2, rtol=3e-2) if autocast else dict(atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.float(), ref, **tol)
+
+
+def test_adamw_is_fused_unless_foreach_is_asked_for():
+    params = [nn.Parameter(torch.zeros(3))]
+    assert build_optimizer("AdamW", [{"params": params}], 1e-3).defaults["fused"] is True
+    opt = build_optimizer("AdamW", [{"params": params}], 1e-3, "foreach=True")
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    assert build_optimizer("AdamW", [{"params": params}], 1e-3, "fused=False").defaults["fused"] is False
