@@ -30,10 +30,28 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=24, help="joint blocks (24 = SD3.5 Medium)")
     p.add_argument("--resolution", type=int, default=512, help="image side in pixels (latent side = /8)")
-    p.add_argument("--steps", type=int, default=1, help="training steps measured")
+    p.add_argument("--steps", type=int, default=2, help="training steps measured (the second has the "
+                   "optimiser state of the first resident)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off")
+    p.add_argument("--sdpa", action="store_true", help="PyTorch SDPA attention instead of the host's CPU default")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a further TrainConfig setting, e.g. --set optimizer_type=AdamW8bit --set full_bf16=true")
     return p.parse_args(argv)
+
+
+def config_overrides(pairs):
+    """``KEY=VALUE`` strings as TrainConfig keyword arguments, converted to each field's type."""
+    from sd3_lora_trainer.trainer.config import TrainConfig
+
+    defaults, out = TrainConfig(), {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in TrainConfig.__dataclass_fields__:
+            raise SystemExit(f"--set {pair}: TrainConfig has no setting {key!r}")
+        kind = type(getattr(defaults, key))
+        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value) if kind in (int, float) else value
+    return out
 
 
 def main(argv=None) -> None:
@@ -57,12 +75,19 @@ def main(argv=None) -> None:
     ckpt = not args.no_checkpointing
     fields = TrainConfig.__dataclass_fields__
     extra = {"gradient_checkpointing": ckpt} if "gradient_checkpointing" in fields else {}
+    extra.update(config_overrides(args.set))
     cfg = TrainConfig(network_dim=args.rank, network_alpha=float(args.rank), mixed_precision="bf16", **extra).validate()
+    if args.sdpa:
+        import comfy.ldm.modules.diffusionmodules.mmdit as mmdit_mod
+        from comfy.ldm.modules.attention import attention_pytorch
+
+        mmdit_mod.optimized_attention = attention_pytorch
     if not extra:  # a trainer without the switch: use the host MMDiT's own checkpointing directly
         mmdit.use_checkpoint = ckpt
     inputs = make_inputs(n=1, latent_size=latent)
     data = EncodedData(inputs.latents, inputs.context, inputs.pooled)
     state = new_train_state(cfg, build_network(mmdit, cfg))
+    measure.trim_heap()  # free heap left from building the model is not the training's memory
     rss_built = measure.rss_mb()
     measure.reset_peak_rss()
     t0 = time.perf_counter()
@@ -71,6 +96,7 @@ def main(argv=None) -> None:
     peak = measure.peak_rss_mb()
     print(f"resolution {args.resolution} px ({(latent // 2) ** 2} image + 333 text tokens), rank {args.rank}, "
           f"gradient checkpointing {'on' if ckpt else 'off'}, bf16 autocast, frozen weights bf16, "
+          f"{cfg.optimizer_type}{', full_bf16' if cfg.full_bf16 else ''}{', SDPA' if args.sdpa else ''}, "
           f"{seconds:.1f} s/step, loss {state.losses[-1]:.4f}")
     print(f"RSS after imports {rss_imports:.0f} MB, after building model + LoRA {rss_built:.0f} MB")
     print(f"peak RSS while training {peak:.0f} MB = {peak / weights_mb:.2f} x the bf16 frozen weights "

@@ -104,6 +104,11 @@ class Ours:
         finally:
             mmdit_mod.optimized_attention = saved_attention
 
+    @property
+    def compiled(self) -> bool:
+        """torch_compile is on: the first step compiles (the benchmark runs it untimed)."""
+        return self.config.torch_compile
+
     def step(self) -> float:
         """One training step; call it inside :meth:`run`."""
         from sd3_lora_trainer.trainer.loop import training_step

@@ -157,6 +157,11 @@ class SD3LoraAdvanced:
                                                "position table (--pos_emb_random_crop_rate)."),
             "enable_scaled_pos_embed": ("BOOLEAN", {"default": False, "tooltip": "SD3.5: scaled position tables per "
                                         "training resolution (--enable_scaled_pos_embed)."}),
+        }, "optional": {
+            "torch_compile": ("BOOLEAN", {"default": False, "tooltip": "Compile each joint block with torch.compile: "
+                              "the first step takes a minute or more, later steps are faster (--torch_compile)."}),
+            "dynamo_backend": ("STRING", {"default": _D.dynamo_backend, "tooltip": "torch.compile backend "
+                               "(--dynamo_backend)."}),
         }}
 
     RETURN_TYPES = (ADVANCED,)

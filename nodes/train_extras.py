@@ -56,7 +56,8 @@ class RunExtras:
         network = self.session.state.network
         network.detach()
         try:
-            self._sample(step)
+            with torch.compiler.set_stance("force_eager"):  # torch_compile: no inference graphs to compile
+                self._sample(step)
         finally:
             host.load_for_training(self.model)
             network.attach(mmdit)

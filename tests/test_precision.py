@@ -62,13 +62,16 @@ def test_cast_only_under_autocast_and_without_blocks_to_swap(mixed_precision, bl
     assert state.network.frozen_dtype is None and precision.cast_frozen_layers(model, None) == []
 
 
-def test_float8_weights_and_host_weight_functions_are_left_alone():
+def test_only_plain_fp32_weights_are_cast():
     fp8 = nn.Linear(4, 4).to(torch.float8_e4m3fn)
+    fp16 = nn.Linear(4, 4).half()
     patched = nn.Linear(4, 4)
     patched.weight_function = [lambda w: w]
     plain = nn.Linear(4, 4)
-    saved = precision.cast_frozen_layers(nn.Sequential(fp8, patched, plain.requires_grad_(False)), torch.bfloat16)
+    saved = precision.cast_frozen_layers(nn.Sequential(fp8, fp16, patched, plain.requires_grad_(False)),
+                                         torch.bfloat16)
     assert fp8.weight.dtype == torch.float8_e4m3fn and patched.weight.dtype == torch.float32
+    assert fp16.weight.dtype == torch.float16  # a bf16 copy would double 16-bit weights
     assert plain.weight.dtype == torch.bfloat16 and plain.bias.dtype == torch.bfloat16
     precision.restore_layers(saved)
     assert plain.weight.dtype == torch.float32 and saved == []

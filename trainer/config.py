@@ -77,6 +77,8 @@ class TrainConfig:
     fp8_base: bool = False           # frozen weights stored in float8 (the model loaded as fp8_e4m3fn)
     blocks_to_swap: int = 0          # joint blocks kept in CPU memory, each brought to the GPU just before use
     gradient_checkpointing: bool = False  # recompute each joint block in backward: less memory, ~30% slower
+    torch_compile: bool = False      # compile each joint block with torch.compile (once per run, then faster steps)
+    dynamo_backend: str = "inductor"  # torch.compile backend
     # reproducibility
     seed: int = 42                   # seeds LoRA init, data order, noise, timesteps and dropouts
 
@@ -91,6 +93,10 @@ class TrainConfig:
         parse_emb_dims(self.emb_dims)
         parse_block_selection(self.train_block_indices, 1000)
         _check(self.blocks_to_swap >= 0, f"blocks_to_swap must be >= 0 (got {self.blocks_to_swap})")
+        if self.torch_compile:
+            backends = _dynamo_backends()
+            _check(self.dynamo_backend in backends, f"unknown dynamo_backend {self.dynamo_backend!r}; use one of: "
+                                                    f"{', '.join(backends)} (inductor is torch.compile's default)")
         _check(1 <= self.t5xxl_max_token_length <= 4096,
                f"t5xxl_max_token_length must be in 1..4096 (got {self.t5xxl_max_token_length}); 256 is sd-scripts' default")
         for name in ("network_dropout", "rank_dropout", "module_dropout", "clip_l_dropout_rate",
@@ -151,3 +157,10 @@ class TrainConfig:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _dynamo_backends() -> List[str]:
+    """The torch.compile backends this torch build has (imported only when torch_compile is on)."""
+    import torch._dynamo
+
+    return sorted(torch._dynamo.list_backends(exclude_tags=()))

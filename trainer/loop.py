@@ -110,6 +110,25 @@ def _block_swap(mmdit: torch.nn.Module, blocks_to_swap: int):
                 swapper.mover.wait(i, block)
 
 
+@contextlib.contextmanager
+def _compiled_blocks(mmdit: torch.nn.Module, enabled: bool, backend: str):
+    """sd-scripts' torch_compile for the run: each joint block's forward goes through
+    ``torch.compile``. Blocks of one shape share the compiled graph (their weights are graph
+    inputs), so a model compiles once or twice, on its first step; a new bucket shape compiles
+    again. The blocks' own forwards are back afterwards."""
+    if not enabled:
+        yield
+        return
+    blocks = list(mmdit.joint_blocks)
+    for block in blocks:
+        block.forward = torch.compile(block.forward, backend=backend)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # the instance attribute; the class's forward shows through again
+
+
 def _latent_sizes(data) -> List[int]:
     """Square-root latent sizes of the training images (one per bucket), for scaled position tables."""
     if hasattr(data, "latent_sizes"):
@@ -123,7 +142,7 @@ def attached(mmdit: torch.nn.Module, state: TrainState, data):
     """Everything a run switches on around its steps, undone on exit whatever happens.
 
     The LoRA is attached in training mode; gradient checkpointing, the position-embedding
-    options and blocks_to_swap are set up. Under autocast the network also gives the frozen
+    options, blocks_to_swap and torch_compile are set up. Under autocast the network also gives the frozen
     layers their weights in the autocast dtype while attached (cast once, not in every layer
     call), except with blocks_to_swap, which moves the weights as the host stored them.
     Afterwards the caller's model is exactly as it was.
@@ -136,7 +155,8 @@ def attached(mmdit: torch.nn.Module, state: TrainState, data):
     state.network.train()
     try:
         with _gradient_checkpointing(mmdit, cfg.gradient_checkpointing), positions.active(), \
-                _block_swap(mmdit, cfg.blocks_to_swap):
+                _block_swap(mmdit, cfg.blocks_to_swap), \
+                _compiled_blocks(mmdit, cfg.torch_compile, cfg.dynamo_backend):
             yield
     finally:
         state.network.detach()

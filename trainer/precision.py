@@ -19,20 +19,22 @@ def autocast(mixed_precision: str, device: torch.device):
 
 
 def _castable(module: nn.Module, dtype: torch.dtype) -> bool:
-    """A Linear/Conv2d whose weight autocast would cast to ``dtype`` on every call anyway.
+    """An fp32 Linear/Conv2d, whose weight autocast would cast to 16-bit ``dtype`` on every call.
 
-    Float8 weights (``fp8_base``) are left to the host's own upcast, and layers with host weight
-    functions (patches applied per call) keep their weights as stored.
+    Only fp32 weights: their copy costs half their size, which autocast's casts saved for
+    backward cost anyway. A 16-bit copy of fp16 weights would double them, and float8 weights
+    (``fp8_base``) are the host's to upcast. Layers with host weight functions (patches applied
+    per call) keep their weights as stored.
     """
     if not isinstance(module, (nn.Linear, nn.Conv2d)) or module.weight is None:
         return False
     if getattr(module, "weight_function", None) or getattr(module, "bias_function", None):
         return False
-    return module.weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and module.weight.dtype != dtype
+    return module.weight.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)
 
 
 def cast_frozen_layers(module: nn.Module, dtype: Optional[torch.dtype]) -> Saved:
-    """Give every frozen Linear/Conv2d of ``module`` a copy of its weight and bias in ``dtype``.
+    """Give every frozen fp32 Linear/Conv2d of ``module`` a copy of its weight and bias in ``dtype``.
 
     Under autocast each such layer casts its weights to ``dtype`` on every call, and keeps the
     cast copy for backward; casting once gives bitwise the same outputs and gradients in a

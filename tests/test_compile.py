@@ -1,0 +1,54 @@
+"""torch_compile (sd-scripts' --torch_compile / --dynamo_backend): joint blocks run through
+torch.compile with the chosen backend, give the eager results, and are eager again afterwards."""
+import time
+
+import pytest
+import torch
+
+from sd3_lora_trainer.trainer.config import TrainConfig
+from sd3_lora_trainer.trainer.loop import train
+from sd3_lora_trainer.trainer.state import build_network, new_train_state
+from test_loop import _data
+from tiny_mmdit import tiny_mmdit
+
+GRAPHS = []
+
+
+@torch._dynamo.register_backend(name="sd3lora_counting")
+def _counting_backend(gm, example_inputs):
+    """Runs the captured graph as it is, after noting that a graph was captured."""
+    GRAPHS.append(gm)
+    return gm.forward
+
+
+def _run(steps=3, **kw):
+    model, data = tiny_mmdit(depth=3), _data()
+    cfg = TrainConfig(seed=1, network_dim=4, learning_rate=1e-2, **kw).validate()
+    state = new_train_state(cfg, build_network(model, cfg))
+    train(model, data, state, steps)
+    return model, state
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_compiled_blocks_give_the_eager_losses_and_are_restored(mixed_precision):
+    torch._dynamo.reset()
+    GRAPHS.clear()
+    _, eager = _run(mixed_precision=mixed_precision)
+    model, compiled = _run(mixed_precision=mixed_precision, torch_compile=True, dynamo_backend="sd3lora_counting")
+    assert GRAPHS, "no joint block went through torch.compile"
+    torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses), rtol=1e-5, atol=1e-6)
+    assert all("forward" not in vars(block) for block in model.joint_blocks)
+
+
+def test_inductor_compiles_and_trains():
+    torch._dynamo.reset()
+    t0 = time.perf_counter()
+    _, eager = _run(steps=2, mixed_precision="bf16")
+    _, compiled = _run(steps=2, mixed_precision="bf16", torch_compile=True)
+    print(f"inductor: 2 steps incl. compiling in {time.perf_counter() - t0:.0f} s")
+    torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses), rtol=2e-2, atol=1e-3)
+
+
+def test_unknown_backend_is_refused_with_the_list():
+    with pytest.raises(ValueError, match="dynamo_backend.*inductor"):
+        TrainConfig(torch_compile=True, dynamo_backend="nope").validate()
