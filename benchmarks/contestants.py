@@ -91,7 +91,7 @@ class Ours:
         steps; the shared model is left as it was afterwards."""
         import comfy.ldm.modules.diffusionmodules.mmdit as mmdit_mod
         from sd3_lora_trainer.trainer import precision
-        from sd3_lora_trainer.trainer.loop import attached
+        from sd3_lora_trainer.trainer.run import attached
 
         saved_attention = mmdit_mod.optimized_attention
         if self.attention is not None:

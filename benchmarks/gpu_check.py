@@ -3,7 +3,7 @@
 Ours (frozen weights bf16, bf16 autocast, LoRA rank 16, gradient checkpointing) vs the host's
 TrainLoraNode mechanism (weight-wrapper adapters on every weight, bf16 training dtype, its own
 gradient checkpointing, its default), s/it and peak VRAM (torch.cuda.max_memory_allocated);
-ours again with blocks_to_swap, and the Large model once with the process capped at 24 GB
+ours again with blocks_to_swap and (Medium) with torch_compile, and the Large model capped at 24 GB
 (torch.cuda.set_per_process_memory_fraction). Needs nothing from the internet; sized for < 8 min
 on one H200. ``--dry-run`` checks arguments and builds the tiny-depth models on the CPU.
 """
@@ -39,6 +39,8 @@ def runs(args):
         out += [(f"{name}: ours", name, "ours", 0, None),
                 (f"{name}: ours + blocks_to_swap {swap}", name, "ours", swap, None),
                 (f"{name}: host TrainLoraNode mechanism", name, "host", 0, None)]
+        if name == "medium":  # compiled in the untimed warm-up step
+            out.append(("medium: ours + torch_compile", name, "ours_compiled", 0, None))
         if name == "large":
             out += [(f"large: ours, capped at {args.cap_gb:g} GB", name, "ours", 0, args.cap_gb),
                     (f"large: ours + blocks_to_swap {swap}, capped at {args.cap_gb:g} GB", name, "ours", swap, args.cap_gb)]
@@ -57,11 +59,12 @@ def build(name: str, contestant: str, swap: int, args, device, dry: bool):
     if dry:
         shape = Shape(2, shape.qk_norm, (0,) if shape.attn2_layers else (), shape.pos_max)
     inputs = C.make_inputs(n=1, latent_size=latent, device=device)
-    if contestant == "ours":
+    if contestant.startswith("ours"):
         mmdit = host_mmdit(shape, torch.bfloat16, device=device)
         # The trainer's own blocks_to_swap and gradient checkpointing, as a user sets them.
         return C.Ours(mmdit, inputs, 1, True, args.rank, torch.bfloat16, gradient_checkpointing=True,
-                      blocks_to_swap=min(swap, len(mmdit.joint_blocks) - 2)), mmdit
+                      blocks_to_swap=min(swap, len(mmdit.joint_blocks) - 2),
+                      torch_compile=contestant == "ours_compiled"), mmdit
     ref = host_mmdit(shape, torch.bfloat16, device=device)
     mp = host_model_patcher(ref.state_dict(), torch.bfloat16)
     del ref

@@ -7,7 +7,8 @@ from torch import nn
 from sd3_lora_trainer.trainer import precision
 from sd3_lora_trainer.trainer.config import TrainConfig
 from sd3_lora_trainer.trainer.lora import LoRAModule, LoRAWrapper
-from sd3_lora_trainer.trainer.loop import attached, train, training_step
+from sd3_lora_trainer.trainer.loop import train, training_step
+from sd3_lora_trainer.trainer.run import attached
 from sd3_lora_trainer.trainer.optim import build_optimizer
 from sd3_lora_trainer.trainer.state import build_network, new_train_state
 from test_loop import _data
