@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 import measure  # noqa: E402
 from contestants import make_inputs  # noqa: E402
-from models import Shape, count_params, host_mmdit  # noqa: E402
+from models import Shape, count_params, host_mmdit, to_fp8_base  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -34,6 +34,8 @@ def parse_args(argv=None):
                    "optimiser state of the first resident)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off")
+    p.add_argument("--fp8-base", action="store_true", help="joint-block Linear weights stored in float8 "
+                   "(fp8_base); the ratio stays against the bf16 size")
     p.add_argument("--sdpa", action="store_true", help="PyTorch SDPA attention instead of the host's CPU default")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a further TrainConfig setting, e.g. --set optimizer_type=AdamW8bit --set full_bf16=true")
@@ -66,9 +68,12 @@ def main(argv=None) -> None:
     shape = Shape(args.depth, base.qk_norm, tuple(i for i in base.attn2_layers if i < args.depth), base.pos_max)
     rss_imports = measure.rss_mb()
     t0 = time.perf_counter()
-    mmdit = host_mmdit(shape, torch.bfloat16)
+    mmdit = host_mmdit(shape, torch.bfloat16, manual_cast=args.fp8_base)
     n_params = count_params(mmdit)
-    weights_mb = sum(p.numel() * p.element_size() for p in mmdit.state_dict().values()) / 2**20
+    weights_mb = sum(p.numel() * 2 for p in mmdit.state_dict().values()) / 2**20  # their bf16 size
+    if args.fp8_base:
+        to_fp8_base(mmdit)
+        measure.trim_heap()
     print(f"built depth {args.depth} SD3.5-Medium-shaped MMDiT: {n_params / 1e9:.2f} B params, "
           f"{weights_mb:.0f} MB in bf16 ({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -76,6 +81,8 @@ def main(argv=None) -> None:
     fields = TrainConfig.__dataclass_fields__
     extra = {"gradient_checkpointing": ckpt} if "gradient_checkpointing" in fields else {}
     extra.update(config_overrides(args.set))
+    if args.fp8_base:
+        extra["fp8_base"] = True
     cfg = TrainConfig(network_dim=args.rank, network_alpha=float(args.rank), mixed_precision="bf16", **extra).validate()
     if args.sdpa:
         import comfy.ldm.modules.diffusionmodules.mmdit as mmdit_mod
@@ -95,7 +102,8 @@ def main(argv=None) -> None:
     seconds = (time.perf_counter() - t0) / args.steps
     peak = measure.peak_rss_mb()
     print(f"resolution {args.resolution} px ({(latent // 2) ** 2} image + 333 text tokens), rank {args.rank}, "
-          f"gradient checkpointing {'on' if ckpt else 'off'}, bf16 autocast, frozen weights bf16, "
+          f"gradient checkpointing {'on' if ckpt else 'off'}, bf16 autocast, "
+          f"frozen weights {'float8 (joint blocks)' if args.fp8_base else 'bf16'}, "
           f"{cfg.optimizer_type}{', full_bf16' if cfg.full_bf16 else ''}{', SDPA' if args.sdpa else ''}, "
           f"{seconds:.1f} s/step, loss {state.losses[-1]:.4f}")
     print(f"RSS after imports {rss_imports:.0f} MB, after building model + LoRA {rss_built:.0f} MB")

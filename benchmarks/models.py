@@ -30,10 +30,12 @@ class Shape:
         return cls(depth=38, qk_norm=True, pos_max=pos_max)
 
 
-def host_mmdit(shape: Shape, dtype=torch.float32, device="cpu", seed: int = 0, std: float = 0.02):
+def host_mmdit(shape: Shape, dtype=torch.float32, device="cpu", seed: int = 0, std: float = 0.02,
+               manual_cast: bool = False):
     """The host's MMDiT with every tensor filled (the host's ops skip init; empty memory would be garbage).
 
     Weights are filled one tensor at a time, so building never needs a second copy of the model.
+    ``manual_cast``: the host's per-call casting ops (what it uses for float8 weights).
     """
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
@@ -45,7 +47,7 @@ def host_mmdit(shape: Shape, dtype=torch.float32, device="cpu", seed: int = 0, s
                                  "params": {"in_features": 4096, "out_features": 64 * shape.depth}},
         qk_norm="rms" if shape.qk_norm else None, x_block_self_attn=bool(shape.attn2_layers),
         x_block_self_attn_layers=list(shape.attn2_layers), dtype=dtype, device=device,
-        operations=comfy.ops.disable_weight_init)
+        operations=comfy.ops.manual_cast if manual_cast else comfy.ops.disable_weight_init)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -83,3 +85,12 @@ def diffusers_sd3(shape: Shape, latent_size: int, seed: int = 0):
 
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def to_fp8_base(mmdit) -> None:
+    """Store the joint blocks' Linear weights in float8_e4m3fn, as the host's 'Load Diffusion Model'
+    with weight_dtype fp8_e4m3fn does (build the model with ``manual_cast=True`` so each layer
+    upcasts per call)."""
+    for name, m in mmdit.named_modules():
+        if name.startswith("joint_blocks.") and isinstance(m, torch.nn.Linear):
+            m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
