@@ -32,10 +32,10 @@ def config(pack, **kw):
                                                        seed=3), **kw)).validate()
 
 
-def train(N, pack, loaded, dataset, steps, node_id, **inputs):
+def train(N, pack, loaded, dataset, steps, node_id, settings=None, **inputs):
     model, clip, vae = loaded
     with torch.inference_mode():  # the executor's mode
-        return N["SD3LoraTrain"]().run(model, clip, vae, dataset, config(pack), steps, unique_id=node_id,
+        return N["SD3LoraTrain"]().run(model, clip, vae, dataset, settings or config(pack), steps, unique_id=node_id,
                                        extra_pnginfo=WORKFLOW, **inputs)["result"]
 
 
@@ -123,6 +123,24 @@ def test_samples_do_not_disturb_training_and_carry_the_workflow(N, pack, loaded,
     first = Image.open(base_dir / "output" / made[0]["images"][0]["subfolder"] / made[0]["images"][0]["filename"])
     last = Image.open(base_dir / "output" / made[-1]["images"][0]["subfolder"] / made[-1]["images"][0]["filename"])
     assert first.tobytes() != last.tobytes()
+
+
+def test_bf16_run_samples_on_the_stored_weights_and_leaves_them_as_they_were(N, pack, loaded, dataset, events):
+    # Under bf16 autocast the frozen fp32 weights get bf16 copies for the run; sampling between
+    # steps must see the host's own fp32 weights, and training must not notice the sampling.
+    mmdit = loaded[0].model.diffusion_model
+    assert mmdit.joint_blocks[0].x_block.attn.qkv.weight.dtype == torch.float32  # so the run casts
+    before = {k: v.clone() for k, v in mmdit.state_dict().items()}
+    bf16 = config(pack, mixed_precision="bf16")
+    plain = train(N, pack, loaded, dataset, 4, "bf16_plain", settings=bf16)
+    sampling = N["SD3LoraSampling"]().build("a red square --s 2 --d 5", 2, False, "euler", "sgm_uniform",
+                                            "sd3_lora_samples/bf16")[0]
+    sampled = train(N, pack, loaded, dataset, 4, "bf16_sampled", settings=bf16, sampling=sampling)
+    assert [d["step"] for t, d in events if t == "sd3lora.samples"] == [2, 4]
+    assert sampled[1].losses == plain[1].losses and tensors_equal(sampled[1].tensors, plain[1].tensors)
+    after = mmdit.state_dict()
+    assert after.keys() == before.keys()
+    assert all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in before)
 
 
 def test_save_writes_the_workflow_next_to_the_lora(N, straight, base_dir):
