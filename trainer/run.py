@@ -6,6 +6,7 @@ import contextlib
 from typing import List
 
 import torch
+import torch.utils.checkpoint
 
 from .offload import BlockSwapper, Mover
 from .pos_embed import PositionEmbedder
@@ -47,22 +48,35 @@ def _block_swap(mmdit: torch.nn.Module, blocks_to_swap: int):
 
 
 @contextlib.contextmanager
-def _compiled_blocks(mmdit: torch.nn.Module, enabled: bool, backend: str):
+def _compiled_blocks(mmdit: torch.nn.Module, enabled: bool, backend: str, checkpointing: bool):
     """sd-scripts' torch_compile for the run: each joint block's forward goes through
     ``torch.compile``. Blocks of one shape share the compiled graph (their weights are graph
     inputs), so a model compiles once or twice, on its first step; a new bucket shape compiles
-    again. The blocks' own forwards are back afterwards."""
+    again. The blocks' own forwards are back afterwards.
+
+    Dynamo cannot trace the host's checkpointing inside a block (it falls back to eager), so
+    with gradient checkpointing the compiled block is checkpointed from outside instead.
+    """
     if not enabled:
         yield
         return
     blocks = list(mmdit.joint_blocks)
     for block in blocks:
-        block.forward = torch.compile(block.forward, backend=backend)
+        compiled = torch.compile(block.forward, backend=backend)
+        block.forward = _checkpointed(compiled) if checkpointing else compiled
     try:
         yield
     finally:
         for block in blocks:
             del block.forward  # the instance attribute; the class's forward shows through again
+
+
+def _checkpointed(forward):
+    """``forward`` recomputed in backward (non-reentrant checkpoint), the host's own checkpoint off."""
+    def run(*args, **kwargs):
+        kwargs["use_checkpoint"] = False
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
 
 
 def _latent_sizes(data) -> List[int]:
@@ -92,7 +106,7 @@ def attached(mmdit: torch.nn.Module, state: TrainState, data):
     try:
         with _gradient_checkpointing(mmdit, cfg.gradient_checkpointing), positions.active(), \
                 _block_swap(mmdit, cfg.blocks_to_swap), \
-                _compiled_blocks(mmdit, cfg.torch_compile, cfg.dynamo_backend):
+                _compiled_blocks(mmdit, cfg.torch_compile, cfg.dynamo_backend, cfg.gradient_checkpointing):
             yield
     finally:
         state.network.detach()
