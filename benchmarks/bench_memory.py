@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--fp8-base", action="store_true", help="joint-block Linear weights stored in float8 "
                    "(fp8_base); the ratio stays against the bf16 size")
     p.add_argument("--sdpa", action="store_true", help="PyTorch SDPA attention instead of the host's CPU default")
+    p.add_argument("--tensor-peak", action="store_true", help="profile one more step: live torch tensors at "
+                   "its peak, by category (what the trainer holds, without allocator and library overhead)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a further TrainConfig setting, e.g. --set optimizer_type=AdamW8bit --set full_bf16=true")
     return p.parse_args(argv)
@@ -110,6 +112,16 @@ def main(argv=None) -> None:
     print(f"peak RSS while training {peak:.0f} MB = {peak / weights_mb:.2f} x the bf16 frozen weights "
           f"({weights_mb:.0f} MB); without the process's import baseline: "
           f"{(peak - rss_imports) / weights_mb:.2f} x")
+    if args.tensor_peak:
+        from sd3_lora_trainer.trainer.loop import training_step
+        from sd3_lora_trainer.trainer.run import attached
+
+        with attached(mmdit, state, data):
+            by_cat = measure.tensor_peak_by_category(lambda: training_step(mmdit, data, state, torch.bfloat16))
+        rest = sum(v for k, v in by_cat.items() if k != "parameters")
+        print("live tensors at the step's peak, MB: " + ", ".join(f"{k} {v:.0f}" for k, v in by_cat.items()))
+        print(f"tensors beyond the parameters: {rest:.0f} MB; parameters + them = "
+              f"{(by_cat['parameters'] + rest) / weights_mb:.2f} x the bf16 frozen weights")
     print(f"peak_rss_vs_bf16_weights={peak / weights_mb:.3f}")
 
 

@@ -111,6 +111,31 @@ def interleaved(contestants: Dict[str, object], rounds: int, warmup: int = 1,
     return results
 
 
+TENSOR_CATEGORIES = ("parameters", "optimiser state", "inputs", "temporaries", "activations", "gradients",
+                     "autograd detail", "unknown")
+
+
+def tensor_peak_by_category(step: Callable[[], object]) -> Dict[str, float]:
+    """MB of live CPU tensors at the peak of one step, by torch.profiler's memory categories.
+
+    Unlike RSS this counts only what torch allocates and still holds (not the allocator's free
+    but unreturned memory, nor the libraries' own)."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/timeline.json"
+        prof.export_memory_timeline(path, device="cpu")
+        with open(path) as f:
+            _, sizes = json.load(f)
+    peak = max(sizes, key=sum)[1:]  # column 0 is unused; then the categories in TENSOR_CATEGORIES order
+    return {name: b / 2**20 for name, b in zip(TENSOR_CATEGORIES, peak)}
+
+
 def run_of(contestant):
     """The contestant's untimed set-up around its steps (a trainer's once-per-run work, such as
     attaching the LoRA), or nothing."""

@@ -175,3 +175,24 @@ def test_verbose_lists_every_trained_module(N, loaded, dataset):
     assert any(l.startswith("lora_unet_joint_blocks_0_x_block_attn_qkv") and l.endswith("rank 2") for l in lines)
     assert not any("context_block_mlp" in l for l in lines)
     assert all(l.endswith("rank 8") for l in lines if "x_block_mlp" in l)
+
+
+def test_every_training_option_is_an_input_of_a_settings_node(N, pack):
+    nodes = ("SD3LoraSettings", "SD3LoraNetworkArgs", "SD3LoraOptimizer", "SD3LoraAdvanced")
+    inputs = set()
+    for name in nodes:
+        spec = N[name].INPUT_TYPES()
+        inputs |= set(spec["required"]) | set(spec.get("optional", {}))
+    missing = set(pack.trainer.config.TrainConfig.__dataclass_fields__) - inputs
+    assert not missing, f"TrainConfig options no node offers: {sorted(missing)}"
+
+
+def test_torch_compile_reaches_the_config_and_a_bad_backend_names_the_setting(N):
+    advanced = N["SD3LoraAdvanced"].INPUT_TYPES()
+    defaults = {k: v[1].get("default", v[0][0] if isinstance(v[0], list) else None)
+                for k, v in advanced["required"].items()}
+    group = N["SD3LoraAdvanced"]().build(**defaults, torch_compile=True, dynamo_backend="inductor")[0]
+    assert settings(N, advanced=group).torch_compile is True
+    bad = N["SD3LoraAdvanced"]().build(**defaults, torch_compile=True, dynamo_backend="turbo")[0]
+    with pytest.raises(ValueError, match="dynamo_backend 'turbo'"):
+        settings(N, advanced=bad)
