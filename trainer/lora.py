@@ -89,11 +89,10 @@ class LoRAModule(nn.Module):
         """alpha / rank, the factor the host's LoRA loader applies too."""
         return self.alpha / self.rank
 
-    def _project(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
-                 scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(scaled rank activation after the dropouts, the up weight it still has to meet)."""
+    def _project(self, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """The rank activation of x after the dropouts (not yet scaled)."""
         lx = F.conv2d(x, down, stride=self.stride, padding=self.padding) if self.conv else F.linear(x, down)
-        return self._drop(lx) * scale, up
+        return self._drop(lx)
 
     def _up(self, lx: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """The up projection of a rank activation (a 1x1 conv for a conv module)."""
@@ -118,21 +117,22 @@ class LoRAModule(nn.Module):
         """The LoRA update for input x times ``multiplier`` (None when module_dropout skips this
         module this step). With ``base_out`` it returns ``base_out`` plus the update instead.
 
-        The scale multiplies the rank-sized activation (16 values per token, not one per output
-        feature), and for a Linear the sum with ``base_out`` happens inside the up matmul
-        (``addmm``), so the update never exists as a separate full-size tensor.
+        For a Linear the scale and the sum with ``base_out`` happen inside the up matmul
+        (``addmm``'s alpha and beta), so the update never exists as a separate full-size tensor;
+        otherwise the scale multiplies the rank-sized activation (16 values per token).
         """
         if self.training and self.module_dropout and self._rand((1,), "cpu").item() < self.module_dropout:
             return base_out
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.downs[0].dtype)  # autocast casts both operands itself; a manual cast would copy x
         scale = self.scale * multiplier
-        parts = [self._project(x, d, u, scale) for d, u in zip(self.downs, self.ups)]
+        parts = [(self._project(x, d), u) for d, u in zip(self.downs, self.ups)]
         if self.splits == 1 and not self.conv and base_out is not None and self._fusable(parts[0][0], base_out):
             lx, up = parts[0]
-            flat = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), lx.reshape(-1, lx.shape[-1]), up.t())
+            flat = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), lx.reshape(-1, lx.shape[-1]), up.t(),
+                               alpha=scale)
             return flat.view(base_out.shape)
-        outs = [self._up(lx, u) for lx, u in parts]
+        outs = [self._up(lx * scale, u) for lx, u in parts]
         out = outs[0] if self.splits == 1 else torch.cat(outs, dim=1 if self.conv else -1)
         return out if base_out is None else base_out + out.to(base_out.dtype)
 
