@@ -90,7 +90,6 @@ class Ours:
         """The trainer's once-per-run set-up (plus any lever), entered untimed around the measured
         steps; the shared model is left as it was afterwards."""
         import comfy.ldm.modules.diffusionmodules.mmdit as mmdit_mod
-        from sd3_lora_trainer.trainer import precision
         from sd3_lora_trainer.trainer.run import attached
 
         saved_attention = mmdit_mod.optimized_attention
@@ -99,7 +98,7 @@ class Ours:
         try:
             with attached(self.mmdit, self.state, self.data):
                 if not self.cast_once:
-                    precision.restore_layers(self.network._cast)
+                    self.network.uncast()
                 yield
         finally:
             mmdit_mod.optimized_attention = saved_attention
@@ -119,7 +118,7 @@ class Ours:
         """Frozen weights (and their cast copies while attached) + LoRA + optimiser state."""
         opt = [t for s in self.state.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
         with self.run():
-            weights = list(self.mmdit.state_dict().values()) + [p for _, _, p in self.network._cast]
+            weights = list(self.mmdit.state_dict().values()) + self.network.stored_weights
         return tensor_bytes(weights + list(self.network.parameters()) + opt)
 
 

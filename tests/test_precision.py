@@ -26,8 +26,8 @@ def _steps_and_grads(cast_once: bool, steps: int = 3):
     state = _bf16_session(model)
     with attached(model, state, data):
         if not cast_once:
-            precision.restore_layers(state.network._cast)
-        assert bool(state.network._cast) == cast_once
+            state.network.uncast()
+        assert bool(state.network.stored_weights) == cast_once
         for _ in range(steps):
             training_step(model, data, state)
     return state.losses, {k: v.clone() for k, v in state.network.state_dict().items()}
@@ -59,7 +59,7 @@ def test_cast_only_under_autocast_and_without_blocks_to_swap(mixed_precision, bl
     cfg = TrainConfig(network_dim=4, mixed_precision=mixed_precision, blocks_to_swap=blocks_to_swap).validate()
     state = new_train_state(cfg, build_network(model, cfg))
     with attached(model, state, data):
-        assert bool(state.network._cast) == cast
+        assert bool(state.network.stored_weights) == cast
     assert state.network.frozen_dtype is None and precision.cast_frozen_layers(model, None) == []
 
 

@@ -255,6 +255,15 @@ class LoRANetwork(nn.Module):
             parent, attr, base = self._attached.pop()
             setattr(parent, attr, base)
 
+    @property
+    def stored_weights(self) -> List[torch.Tensor]:
+        """The frozen weights as the model stored them, while :meth:`attach` has cast copies in their place."""
+        return [p for _, _, p in self._cast]
+
+    def uncast(self) -> None:
+        """Put the stored weights back while staying attached (autocast then casts them per call)."""
+        restore_layers(self._cast)
+
     def get_adapter_params(self) -> Dict[str, nn.Parameter]:
         """Trainable parameters by name (``<module>.downs.0`` ...)."""
         return dict(self.named_parameters())
