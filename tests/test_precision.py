@@ -53,10 +53,13 @@ def test_cast_weights_are_in_the_autocast_dtype_during_the_run_and_the_originals
     assert all(after[n] is originals[n] and after[n].dtype == torch.float32 for n in originals)
 
 
-@pytest.mark.parametrize("mixed_precision,blocks_to_swap,cast", [("no", 0, False), ("bf16", 2, False), ("bf16", 0, True)])
-def test_cast_only_under_autocast_and_without_blocks_to_swap(mixed_precision, blocks_to_swap, cast):
+@pytest.mark.parametrize("mixed_precision,blocks_to_swap,checkpointing,cast", [
+    ("no", 0, False, False), ("bf16", 2, False, False), ("bf16", 0, False, True),
+    ("bf16", 0, True, True)])  # checkpointing skips the cast only on a GPU, to keep VRAM low
+def test_cast_only_under_autocast_and_without_blocks_to_swap(mixed_precision, blocks_to_swap, checkpointing, cast):
     model, data = tiny_mmdit(depth=4), _data()
-    cfg = TrainConfig(network_dim=4, mixed_precision=mixed_precision, blocks_to_swap=blocks_to_swap).validate()
+    cfg = TrainConfig(network_dim=4, mixed_precision=mixed_precision, blocks_to_swap=blocks_to_swap,
+                      gradient_checkpointing=checkpointing).validate()
     state = new_train_state(cfg, build_network(model, cfg))
     with attached(model, state, data):
         assert bool(state.network.stored_weights) == cast

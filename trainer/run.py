@@ -87,6 +87,20 @@ def _latent_sizes(data) -> List[int]:
     return [round((h * w) ** 0.5)]
 
 
+def _cast_dtype(mmdit: torch.nn.Module, state: TrainState):
+    """The dtype frozen fp32 weights are cast to for the run, or None to leave them to autocast.
+
+    Not with blocks_to_swap (it moves the weights as stored), nor with gradient checkpointing on a
+    GPU: there autocast's per-call copies are transient, and a run-long copy could cost the VRAM
+    the user turned checkpointing on to save.
+    """
+    cfg = state.config
+    on_gpu = next(mmdit.parameters()).device.type != "cpu"
+    if cfg.blocks_to_swap or (cfg.gradient_checkpointing and on_gpu):
+        return None
+    return AUTOCAST_DTYPES.get(cfg.mixed_precision)
+
+
 @contextlib.contextmanager
 def attached(mmdit: torch.nn.Module, state: TrainState, data):
     """Everything a run switches on around its steps, undone on exit whatever happens.
@@ -94,13 +108,13 @@ def attached(mmdit: torch.nn.Module, state: TrainState, data):
     The LoRA is attached in training mode; gradient checkpointing, the position-embedding
     options, blocks_to_swap and torch_compile are set up. Under autocast the network also gives
     the frozen layers their weights in the autocast dtype while attached (cast once, not in
-    every layer call), except with blocks_to_swap, which moves the weights as stored.
+    every layer call; see :func:`_cast_dtype` for when not).
     Afterwards the caller's model is exactly as it was.
     """
     cfg = state.config
     positions = PositionEmbedder(mmdit, cfg.pos_emb_random_crop_rate,
                                  _latent_sizes(data) if cfg.enable_scaled_pos_embed else None, state.generator)
-    state.network.frozen_dtype = None if cfg.blocks_to_swap else AUTOCAST_DTYPES.get(cfg.mixed_precision)
+    state.network.frozen_dtype = _cast_dtype(mmdit, state)
     state.network.attach(mmdit)
     state.network.train()
     try:
