@@ -96,6 +96,8 @@ def build_contestants(args, shape: Shape, inputs: C.Inputs):
             out[f"ours − fused AdamW|{b}|bf16"] = C.Ours(mmdit, inputs, b, True, args.rank, cdt,
                                                          optimizer_args="fused=False")
             out[f"ours + torch_compile|{b}|bf16"] = C.Ours(mmdit, inputs, b, True, args.rank, cdt, torch_compile=True)
+            out[f"ours + torch_compile + grad checkpointing|{b}|bf16"] = C.Ours(
+                mmdit, inputs, b, True, args.rank, cdt, torch_compile=True, gradient_checkpointing=True)
             out[f"ours + grad checkpointing|{b}|bf16"] = C.Ours(mmdit, inputs, b, True, args.rank, cdt,
                                                                 gradient_checkpointing=True)
             if "split_qkv" in TrainConfig.__dataclass_fields__:  # shows what the fused-qkv LoRA saves
