@@ -76,6 +76,9 @@ def test_readme_toml_trains_through_the_nodes(N, pack, loaded, tmp_path):
     session = pack.trainer.session._SESSIONS["node:data-readme"]
     assert [s for s, _ in session.info["validation_loss"]] == [2, 4]
     assert f"validation loss {session.info['validation_loss'][-1][1]:.4f} at step 4" in out[2]  # shown on the node
+    # Under bf16 the run's layers hold bf16 weight copies: validation runs under the same autocast.
+    train(N, pack, model, clip, vae, dataset, 2, "data-readme-bf16", mixed_precision="bf16")
+    assert [s for s, _ in pack.trainer.session._SESSIONS["node:data-readme-bf16"].info["validation_loss"]] == [2]
     path = N["SD3LoraSave"]().save(lora, "data_readme", "loras", "float")["result"][0]
     with safe_open(path, "pt") as f:
         meta = f.metadata()

@@ -114,8 +114,8 @@ class LoRAModule(nn.Module):
 
     def delta(self, x: torch.Tensor, base_out: Optional[torch.Tensor] = None,
               multiplier: float = 1.0) -> Optional[torch.Tensor]:
-        """The LoRA update for input x times ``multiplier`` (None when module_dropout skips this
-        module this step). With ``base_out`` it returns ``base_out`` plus the update instead.
+        """The LoRA update for input x times ``multiplier``; with ``base_out``, ``base_out`` plus the
+        update. When module_dropout skips this module this step: None, or ``base_out`` as it is.
 
         For a Linear the scale and the sum with ``base_out`` happen inside the up matmul
         (``addmm``'s alpha and beta), so the update never exists as a separate full-size tensor;
@@ -250,7 +250,7 @@ class LoRANetwork(nn.Module):
 
     def detach(self) -> None:
         """Restore the original layers (and weights) that :meth:`attach` wrapped (and cast)."""
-        restore_layers(self._cast)
+        self.uncast()
         while self._attached:
             parent, attr, base = self._attached.pop()
             setattr(parent, attr, base)

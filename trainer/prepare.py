@@ -91,4 +91,3 @@ def check_fp8_base(mmdit: nn.Module, fp8_base: bool) -> None:
                          f"{', '.join(sorted(str(d) for d in dtypes))}. Load the model with 'Load Diffusion "
                          f"Model' and weight_dtype fp8_e4m3fn (the host keeps float8 weights and upcasts each "
                          f"layer per call), or turn fp8_base off")
-
