@@ -127,6 +127,11 @@ def main(argv=None) -> int:
               "use --dry-run to check the script on the CPU", file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.dry_run else "cuda")
+    if args.dry_run:  # PyTorch attention, as the host picks on NVIDIA GPUs (its CPU default cannot be
+        import comfy.ldm.modules.attention as attention  # compiled with checkpointing: nodes/host.py)
+        import comfy.ldm.modules.diffusionmodules.mmdit as mmdit_module
+
+        mmdit_module.optimized_attention = attention.attention_pytorch
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu (dry run, depth 2)'}, "
           f"torch {torch.__version__}, {args.resolution} px, rank {args.rank}, bf16", flush=True)
     print("| run | s/it | peak VRAM GiB (max_memory_allocated) | status |")

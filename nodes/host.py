@@ -36,6 +36,23 @@ def require_sd3(model) -> torch.nn.Module:
     return mmdit
 
 
+def check_compile_attention(settings) -> None:
+    """torch_compile with gradient checkpointing needs the host's PyTorch (SDPA) attention.
+
+    The host's other attentions size their chunks from the free memory at each call; a compiled,
+    checkpointed block then recomputes with a different graph than its forward and backward
+    fails. The host picks SDPA on NVIDIA GPUs by itself; elsewhere a launch flag selects it.
+    """
+    import comfy.ldm.modules.attention as attention
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit_module
+
+    if settings.torch_compile and settings.gradient_checkpointing and \
+            mmdit_module.optimized_attention is not attention.attention_pytorch:
+        raise ValueError(f"torch_compile with gradient_checkpointing needs PyTorch attention, but this ComfyUI "
+                         f"uses {mmdit_module.optimized_attention.__name__}: start ComfyUI with "
+                         f"--use-pytorch-cross-attention, or turn torch_compile or gradient_checkpointing off")
+
+
 def check_resolution(mmdit: torch.nn.Module, resolution: int) -> None:
     """Refuse a resolution the model's position embedding cannot cover."""
     max_patches = getattr(mmdit, "pos_embed_max_size", None)

@@ -68,6 +68,7 @@ class SD3LoraTrain:
         mmdit = host.require_sd3(model)
         host.check_resolution(mmdit, dataset.resolution)
         check_fp8_base(mmdit, settings.fp8_base)
+        host.check_compile_attention(settings)
         key = f"node:{unique_id}"
         with torch.inference_mode(False):
             mmdit = host.load_for_training(model)

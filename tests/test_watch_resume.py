@@ -164,6 +164,18 @@ def test_compiled_run_samples_eager_between_steps_and_trains_as_eager(N, pack, l
     assert all("forward" not in vars(block) for block in loaded[0].model.diffusion_model.joint_blocks)
 
 
+def test_compile_with_checkpointing_needs_pytorch_attention(N, pack, loaded, dataset):
+    # On the CPU the host's attention sizes its chunks from free memory at every call, which a
+    # compiled, checkpointed block cannot replay: the node says how to get PyTorch attention.
+    import comfy.ldm.modules.attention as attention
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit_module
+
+    assert mmdit_module.optimized_attention is not attention.attention_pytorch
+    settings = config(pack, torch_compile=True, gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="--use-pytorch-cross-attention"):
+        train(N, pack, loaded, dataset, 1, "compile_ckpt", settings=settings)
+
+
 def test_save_writes_the_workflow_next_to_the_lora(N, straight, base_dir):
     N["SD3LoraSave"]().save(straight, "provenance", "loras", "float", extra_pnginfo=WORKFLOW)
     saved = base_dir / "models" / "loras" / "provenance.workflow.json"
