@@ -58,12 +58,12 @@ def tensor_bytes(tensors) -> int:
 
 
 class Ours:
-    """This pack's trainer: ``training_step`` on an EncodedData inside ``trainer.loop.attached``
+    """This pack's trainer: ``training_step`` on an EncodedData inside ``trainer.run.attached``
     (the LoRA attached, frozen weights in the autocast dtype), exactly as ``train()`` runs it.
 
     Args:
         mmdit: the (frozen) host MMDiT; shared with other ``Ours`` contestants, so the network is
-            attached only while this contestant steps.
+            attached only inside this contestant's :meth:`run`.
         compute_dtype: the dtype the inputs are cast to (the host's compute dtype of the model).
         attention: optional replacement for the host MMDiT's attention function (a lever).
         cast_once: False is an ablation: frozen weights stay as stored and autocast casts them in
