@@ -7,10 +7,11 @@ from typing import List, Optional
 
 from .flow import HUBER_SCHEDULES, LOSS_TYPES, WEIGHTING_SCHEMES
 from .lora_targets import TYPE_DIM_NAMES, parse_block_selection, parse_emb_dims
+from .schedules import SCHEDULES
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor", "Prodigy", "Lion", "SGDNesterov")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+LR_SCHEDULERS = tuple(SCHEDULES)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
-"""Optimisers and learning-rate schedules, by sd-scripts' ``optimizer_type`` / ``lr_scheduler`` names.
+"""Optimisers, by sd-scripts' ``optimizer_type`` names.
 
 Each optimiser is a well-kept implementation: torch's AdamW/SGD, bitsandbytes' AdamW8bit,
-transformers' Adafactor, prodigyopt's Prodigy, lion-pytorch's Lion; schedules are
-transformers' ``get_scheduler``.
+transformers' Adafactor, prodigyopt's Prodigy, lion-pytorch's Lion; the schedules are in
+``schedules.py``.
 """
 from __future__ import annotations
 
@@ -105,17 +105,3 @@ def _require(module: str, what: str, fix: str):
     except ImportError as e:
         raise ValueError(f"optimizer_type {what} needs the {module} package, which does not import here "
                          f"({e}). Install it ({fix}) or pick another optimizer_type") from e
-
-
-def build_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                    num_cycles: int = 1, power: float = 1.0):
-    """transformers' schedule ``name`` laid out over ``total_steps`` optimiser steps."""
-    from transformers.optimization import get_scheduler
-
-    specific = {}
-    if name == "cosine_with_restarts":
-        specific["num_cycles"] = num_cycles
-    elif name == "polynomial":
-        specific["power"] = power
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
-                         scheduler_specific_kwargs=specific)

@@ -10,7 +10,8 @@ import torch
 from .config import TrainConfig
 from .lora import LoRANetwork
 from .lora_targets import select_targets, select_text_targets, type_dims_from
-from .optim import build_optimizer, build_scheduler, param_groups
+from .optim import build_optimizer, param_groups
+from .schedules import build_scheduler
 
 log = logging.getLogger(__name__)
 TEXT_ENCODERS = ("clip_l", "clip_g", "t5xxl")
