@@ -68,7 +68,7 @@ def polynomial(step: int, warmup: int, total: int, power: float = 1.0, lr_init: 
         return _warmup(step, warmup)
     if step > total:
         return POLYNOMIAL_LR_END / lr_init
-    remaining = 1 - (step - warmup) / (total - warmup)
+    remaining = 1 - _progress(step, warmup, total)  # (max(1, ...) where transformers divides by zero)
     return ((lr_init - POLYNOMIAL_LR_END) * remaining ** power + POLYNOMIAL_LR_END) / lr_init
 
 
