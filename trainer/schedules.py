@@ -3,8 +3,8 @@ takes them from transformers' ``get_scheduler``).
 
 Written here as plain functions of the step because importing ``transformers.optimization`` for
 six formulas pulls in peft, accelerate, bitsandbytes and scipy: about 230 MB of resident memory in
-a bare process and 76 MB more even inside a ComfyUI server (``bash scripts/bench.sh --memory``
-measures whole-process peak RSS). ``tests/test_options.py`` checks every schedule against
+a bare process, and 76 MB even in one that has imported the host's nodes (``bash scripts/bench.sh
+--memory`` measures whole-process peak RSS). ``tests/test_options.py`` checks every schedule against
 diffusers' ``get_scheduler``, which implements the same formulas independently.
 """
 from __future__ import annotations
