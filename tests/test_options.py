@@ -131,6 +131,21 @@ def test_schedules_match_diffusers(name):
         assert ours[0] < ours[10]  # warm-up (two rates per step)
 
 
+def test_polynomial_edges():
+    """Warm-up as long as the run steps through (transformers divides by zero at its last step);
+    a learning rate at or under the 1e-7 end rate is refused, naming the setting."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = build_scheduler("polynomial", opt, 5, 5)
+    lrs = []
+    for _ in range(7):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:6] == pytest.approx([0.0, 0.02, 0.04, 0.06, 0.08, 0.1]) and lrs[6] == pytest.approx(1e-7)
+    with pytest.raises(ValueError, match="learning_rate"):
+        build_scheduler("polynomial", torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-8), 0, 5)
+
+
 def test_schedule_state_round_trips():
     """A resumed run's schedule continues where it stopped (the state travels in checkpoints)."""
     def sched(steps, state=None):
