@@ -1,8 +1,9 @@
 """Import the real ComfyUI host (CPU mode) and this pack as the package ``sd3_lora_trainer``.
 
 Call :func:`setup` before importing anything from ``comfy`` or the pack. It mirrors what
-``tests/conftest.py`` does: the host tree from ``scripts/setup.sh`` goes on ``sys.path`` and a
-symlink under ``.cache/pkg`` gives the repository a stable package name.
+``tests/conftest.py`` does: the host tree from ``scripts/setup.sh`` goes on ``sys.path`` (``$COMFYUI_DIR`` when
+set, see ``headless/hosts.py``) and a symlink under ``.cache/pkg`` gives the repository a stable
+package name.
 """
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ import types
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-HOST_DIR = REPO_ROOT / ".host" / "ComfyUI"
+sys.path.append(str(REPO_ROOT))  # appended: the pack's nodes/ must not shadow the host's nodes.py
+from headless import hosts  # noqa: E402
+
+HOST_DIR = hosts.host_dir()
 PACK_NAME = "sd3_lora_trainer"
 
 
 def setup(cpu: bool = True) -> None:
     """Put the host and the pack on sys.path; ``cpu`` forces the host's CPU mode (needed with a CPU torch)."""
-    if not (HOST_DIR / "main.py").exists():
-        raise SystemExit(f"ComfyUI host not found at {HOST_DIR}: run `bash scripts/setup.sh` first")
+    hosts.check_host_dir(HOST_DIR)
     pkg_dir = REPO_ROOT / ".cache" / "pkg"
     pkg_dir.mkdir(parents=True, exist_ok=True)
     if not (pkg_dir / PACK_NAME).exists():

@@ -10,15 +10,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
+import json
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_HOST_DIR = REPO_ROOT / ".host" / "ComfyUI"
+from . import hosts
+
 LISTEN_ADDRESS = "127.0.0.1"
 
 
@@ -44,6 +44,10 @@ class ServerHandle:
     def pid(self):
         """Process id of the server (also the id of its process group)."""
         return self.process.pid
+
+    def versions(self):
+        """``ComfyUI <version>, torch <version>`` as this server reports them."""
+        return server_versions(self.url)
 
     def is_running(self):
         """True while the server process has not exited."""
@@ -90,6 +94,17 @@ def _signal_group(pgid, sig):
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def server_versions(url):
+    """``ComfyUI <version>, torch <version>`` from a server's ``GET /system_stats`` ('?' where it
+    does not say, or does not answer: the caller's next request reports that)."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/system_stats", timeout=10) as response:
+            system = json.load(response).get("system", {})
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError):
+        system = {}
+    return f"ComfyUI {system.get('comfyui_version', '?')}, torch {system.get('pytorch_version', '?')}"
 
 
 def find_free_port(host=LISTEN_ADDRESS):
@@ -164,19 +179,21 @@ def wait_until_ready(handle, timeout):
         f"ComfyUI did not answer within {timeout:.0f} s (log: {handle.log_path}):\n{handle.log_tail()}")
 
 
-def start_server(base_dir, port=None, host_dir=DEFAULT_HOST_DIR, python=sys.executable, extra_args=(),
-                 log_path=None, timeout=120):
+def start_server(base_dir, port=None, host_dir=None, python=None, extra_args=(), log_path=None, timeout=120,
+                 env=None):
     """Start ComfyUI on 127.0.0.1 with ``base_dir`` as its base directory and wait until it answers.
 
     Args:
         base_dir: ComfyUI base directory (models/, custom_nodes/, input/, output/, user/).
         port: TCP port; a free one is picked when None.
-        host_dir: the ComfyUI source tree holding ``main.py``.
-        python: interpreter to run it with.
+        host_dir: the ComfyUI source tree holding ``main.py``; default ``$COMFYUI_DIR`` or the tree
+            ``scripts/setup.sh`` unpacks (:func:`headless.hosts.host_dir`).
+        python: interpreter to run it with; default the venv set-up built for that host, else this one.
         extra_args: more ComfyUI command-line flags.
         log_path: file receiving the server's stdout and stderr; default
             ``<base_dir>/comfyui_server_<port>.log``.
         timeout: seconds to wait for the server to answer.
+        env: more environment variables for the server (on top of this process's).
 
     Returns:
         a :class:`ServerHandle`. Raises :class:`ServerStartError` (with the log's tail) when the
@@ -185,7 +202,8 @@ def start_server(base_dir, port=None, host_dir=DEFAULT_HOST_DIR, python=sys.exec
     base_dir = Path(base_dir).resolve()
     # 0.3.75 lists <base>/custom_nodes before anything else and dies if it does not exist.
     (base_dir / "custom_nodes").mkdir(parents=True, exist_ok=True)
-    host_dir = Path(host_dir)
+    host_dir = Path(host_dir) if host_dir else hosts.host_dir()
+    python = python or hosts.host_python(host_dir)
     if not (host_dir / "main.py").is_file():
         raise ServerStartError(f"no ComfyUI main.py in {host_dir}")
     port = port or find_free_port()
@@ -200,7 +218,7 @@ def start_server(base_dir, port=None, host_dir=DEFAULT_HOST_DIR, python=sys.exec
         scratch.append(front_end_root)
 
     cmd = build_command(python, host_dir, base_dir, port, front_end_root, extra_args)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")  # so the log is current when we show its tail
+    env = dict(os.environ, **(env or {}), PYTHONUNBUFFERED="1")  # unbuffered: the log tail is current
     log_file = open(log_path, "wb")
     process = subprocess.Popen(cmd, cwd=str(host_dir), stdin=subprocess.DEVNULL, stdout=log_file,
                                stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -17,14 +17,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / ".host" / "ComfyUI"), str(ROOT / "tests"), str(ROOT / ".cache" / "pkg")]
-import comfy.cli_args  # noqa: E402
-
-comfy.cli_args.args.cpu = True
+sys.path.insert(0, str(ROOT / "tests"))
+# The host ($COMFYUI_DIR or .host/) on sys.path in CPU mode, the repository as sd3_lora_trainer.
+import conftest  # noqa: E402,F401
 import torch  # noqa: E402
 
 import comfy.sd  # noqa: E402
-import conftest  # noqa: E402,F401  (links the repository as the sd3_lora_trainer package)
 import sd3_fixtures  # noqa: E402
 from sd3_lora_trainer.trainer import latent_cache  # noqa: E402
 from sd3_lora_trainer.trainer.data import Subset  # noqa: E402

@@ -8,7 +8,7 @@
 # sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors). DIR: a folder of images with same-name
 # .txt captions (or kohya N_name repeat folders), or an sd-scripts dataset .toml file. Writes
 # the LoRA, its loss history and a preview PNG made with the trained LoRA into the output folder
-# it prints (default: demo_out/).
+# it prints (default: demo_out/). COMFYUI_DIR=/path/to/ComfyUI runs it on that checkout (scripts/setup.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CHECKPOINT="" DATASET="" STEPS="" RESOLUTION="" OUT="$ROOT/demo_out" EXTRA=()
@@ -25,8 +25,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+source "$ROOT/scripts/host_env.sh"
 bash "$ROOT/scripts/setup.sh"
-PY="$ROOT/.venv/bin/python"
+PY="$VENV/bin/python"
 BASE="$ROOT/.cache/demo_base"
 mkdir -p "$BASE/models/checkpoints" "$BASE/models/loras" "$BASE/input" "$BASE/output" "$BASE/custom_nodes" "$OUT"
 

@@ -4,6 +4,7 @@
 # with and without blocks_to_swap, and capped at 24 GB. `--dry-run` checks it on the CPU.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/host_env.sh"
 bash "$ROOT/scripts/setup.sh"
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" benchmarks/gpu_check.py "$@"
+exec "$VENV/bin/python" benchmarks/gpu_check.py "$@"

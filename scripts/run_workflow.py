@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from headless import (  # noqa: E402
     ConversionError, ServerStartError, WorkflowError, apply_overrides, editor_to_api, get_object_info,
     interrupt, is_api_prompt, is_editor_workflow, output_files, run_prompt, start_server)
-from headless.server import DEFAULT_HOST_DIR  # noqa: E402
+from headless.server import server_versions  # noqa: E402
 
 PACK_NAME = "sd3_lora_trainer"
 # Messages that only repeat what other messages already say.
@@ -39,7 +39,9 @@ def parse_args(argv=None):
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--url", default="http://127.0.0.1:8188", help="a running ComfyUI server")
     where.add_argument("--base-dir", type=Path, help="start a local server with this base directory")
-    parser.add_argument("--host-dir", type=Path, default=DEFAULT_HOST_DIR, help="ComfyUI source tree (--base-dir)")
+    parser.add_argument("--host-dir", type=Path, default=None,
+                        help="ComfyUI source tree for --base-dir (default: $COMFYUI_DIR, else the one "
+                             "scripts/setup.sh unpacks); it runs in the venv set-up built for it")
     parser.add_argument("--api-out", type=Path, help="also write the API prompt that is queued to this file")
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds allowed for the run")
     return parser.parse_args(argv)
@@ -146,6 +148,7 @@ def run(args):
             server = start_server(args.base_dir, host_dir=args.host_dir)
             url = server.url
             print(f"server {url} (pid {server.pid}, log {server.log_path})", flush=True)
+        print(f"{url}: {server_versions(url)}", flush=True)
         prompt = to_api_prompt(workflow, url, args.overrides)
         if args.api_out:
             args.api_out.write_text(json.dumps(prompt, indent=2))

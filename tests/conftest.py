@@ -1,5 +1,8 @@
 """Test set-up: the real ComfyUI host (installed by scripts/setup.sh) and this pack.
 
+The host is ``$COMFYUI_DIR`` when set (``scripts/test.sh`` sets it), else the ComfyUI 0.3.75 tree
+that set-up unpacks into ``.host/`` (``headless/hosts.py``).
+
 The pack is imported as a package named ``sd3_lora_trainer`` from a temporary ComfyUI
 base directory whose ``custom_nodes/`` holds a symlink to the repository, exactly as a
 user installs it. Nothing of the host is faked.
@@ -12,11 +15,13 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-HOST_DIR = REPO_ROOT / ".host" / "ComfyUI"
-PACK_NAME = "sd3_lora_trainer"
+# Appended, not prepended: the repository's nodes/ package must not shadow the host's nodes.py.
+sys.path.append(str(REPO_ROOT))
+from headless import hosts  # noqa: E402
 
-if not (HOST_DIR / "main.py").exists():
-    raise RuntimeError(f"ComfyUI host not found at {HOST_DIR}: run `bash scripts/setup.sh` first")
+HOST_DIR = hosts.host_dir()
+PACK_NAME = "sd3_lora_trainer"
+hosts.check_host_dir(HOST_DIR)
 
 # The host must be importable, and must run on the CPU (a CPU torch asserts otherwise).
 sys.path.insert(0, str(HOST_DIR))
@@ -30,6 +35,12 @@ sys.path.insert(0, str(_PKG_DIR))
 import comfy.cli_args  # noqa: E402
 
 comfy.cli_args.args.cpu = True
+
+
+def pytest_report_header(config):
+    """The host and torch this run tests, first thing in the output."""
+    return (f"ComfyUI {hosts.host_version(HOST_DIR)} at {HOST_DIR}; torch {torch.__version__} "
+            f"({sys.executable}); CPU capability {torch.backends.cpu.get_cpu_capability()}")
 
 
 def make_base_dir(base: Path) -> Path:

@@ -3,18 +3,11 @@
 Import the fixture into conftest.py (``from server_fixture import comfy_server``) so every test
 module shares one server; it needs conftest's ``base_dir`` fixture.
 """
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-try:
-    import headless
-except ImportError:
-    # Appended, not prepended: the repository's nodes/ package must not shadow the host's nodes.py.
-    sys.path.append(str(REPO_ROOT))
-    import headless
+import headless  # conftest puts the repository on sys.path
 
 
 @pytest.fixture(scope="session")
