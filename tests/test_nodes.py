@@ -104,7 +104,9 @@ def test_cancel_stops_at_step_boundary_and_keeps_steps(N, loaded, dataset, pack)
 
     def hook(value, total, preview, node_id=None):
         seen.append(value)
-        if value == 3 and total == 10:  # the step bar, not the dataset-caching bar before it
+        # Cancel after the step bar's first update (the dataset-caching bar comes before it): newer
+        # hosts throttle the bar's updates to one per 100 ms, but always send the first and the last.
+        if value == 1 and total == 10:
             comfy.model_management.interrupt_current_processing(True)  # what the Cancel button does
 
     comfy.utils.set_progress_bar_global_hook(hook)
@@ -114,10 +116,10 @@ def test_cancel_stops_at_step_boundary_and_keeps_steps(N, loaded, dataset, pack)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         comfy.model_management.interrupt_current_processing(False)
-    assert sessions._SESSIONS["node:t4"].state.step == 3
+    assert sessions._SESSIONS["node:t4"].state.step == 1
     assert "LoRAWrapper" not in {type(m).__name__ for m in loaded[0].model.diffusion_model.modules()}
     resumed = train(N, loaded, dataset, 2, "t4")["result"]
-    assert resumed[1].step == 5 and "continuing from step 3" in resumed[2]
+    assert resumed[1].step == 3 and "continuing from step 1" in resumed[2]
 
 
 def test_sd3_medium_from_unet_loader(N, host, base_dir, loaded, dataset):
