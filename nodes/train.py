@@ -13,6 +13,7 @@ import comfy.utils
 from ..trainer import session as sessions
 from ..trainer.lora_file import detect_variant
 from ..trainer.loop import train
+from ..trainer.precision import precision_warning
 from ..trainer.prepare import check_fp8_base, freeze_base_model, model_signature
 from ..trainer.state import build_network, build_text_networks, new_train_state
 from . import host
@@ -70,6 +71,9 @@ class SD3LoraTrain:
         check_fp8_base(mmdit, settings.fp8_base)
         host.check_compile_attention(settings)
         key = f"node:{unique_id}"
+        slow_dtype = precision_warning(settings.mixed_precision, model.load_device)
+        if slow_dtype:
+            log.warning("SD3 LoRA train: %s", slow_dtype)
         with torch.inference_mode(False):
             mmdit = host.load_for_training(model)
             freeze_base_model(mmdit)
@@ -113,6 +117,8 @@ class SD3LoraTrain:
         patched, patched_clip = host.model_with_lora(model, snap.tensors, clip)
         summary = (f"{note}; trained steps {start_step + 1}-{session.state.step} ({done} steps, "
                    f"{elapsed / max(done, 1):.2f} s/step); last loss {snap.losses[-1]:.4f}")
+        if slow_dtype:
+            summary = f"warning: {slow_dtype}\n{summary}"
         validation = session.info.get("validation_loss")
         if validation:
             summary += f"; validation loss {validation[-1][1]:.4f} at step {validation[-1][0]}"

@@ -1,13 +1,19 @@
-"""Mixed precision: the autocast of a run, and frozen weights stored in its dtype for the run."""
+"""Mixed precision: the autocast of a run, frozen weights stored in its dtype for the run, and
+whether this machine computes in that dtype natively."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# A dtype whose matmul runs this many times slower than fp32 is not native to the machine.
+SLOW_FACTOR = 2.0
+PROBE_SIZE = 256
 Saved = List[Tuple[nn.Module, str, nn.Parameter]]
 
 
@@ -60,3 +66,52 @@ def restore_layers(saved: Saved) -> None:
     while saved:
         mod, name, p = saved.pop()
         mod._parameters[name] = p
+
+
+def _matmul_seconds(dtype: torch.dtype, size: int) -> float:
+    """Best of three timings of one ``size``³ matmul in ``dtype`` on the CPU, after a warm-up call."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    a @ b  # the first call may pick and build kernels
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_slowdown(dtype: torch.dtype, device_type: str = "cpu", size: int = PROBE_SIZE) -> float:
+    """How many times longer a ``size``³ matmul takes in ``dtype`` than in fp32 (measured once per process).
+
+    CPUs differ by far: with AMX a bf16 matmul runs about 10x faster than fp32, while CPUs without
+    AVX-512 bf16 (many AMD EPYCs) run it about 100x slower, and the flags torch reports do not say
+    how fast its fallback is, so it is timed (about 20 ms where the dtype is slow). GPUs are
+    taken as native (1.0).
+    """
+    if device_type != "cpu" or dtype == torch.float32:
+        return 1.0
+    with torch.inference_mode(False), torch.no_grad():
+        return _matmul_seconds(dtype, size) / _matmul_seconds(torch.float32, size)
+
+
+def is_native(dtype: torch.dtype, device_type: str = "cpu") -> bool:
+    """Whether ``dtype`` computes at least about as fast as fp32 on this machine's ``device_type``."""
+    return matmul_slowdown(dtype, device_type) < SLOW_FACTOR
+
+
+def precision_warning(mixed_precision: str, device: torch.device) -> Optional[str]:
+    """A warning for a ``mixed_precision`` whose dtype this machine has no native matmul for, else None.
+
+    The run is not refused: it trains correctly, only slower, and the message says by how much
+    and what to set instead.
+    """
+    dtype = AUTOCAST_DTYPES.get(mixed_precision)
+    device_type = torch.device(device).type
+    if dtype is None or is_native(dtype, device_type):
+        return None
+    slowdown = matmul_slowdown(dtype, device_type)
+    return (f"mixed_precision {mixed_precision}: this CPU has no native {mixed_precision} matmul (a "
+            f"{PROBE_SIZE}x{PROBE_SIZE} one measured {slowdown:.0f}x slower than in fp32 here), so this run trains "
+            f"far slower than in fp32; set mixed_precision to no on this machine")
