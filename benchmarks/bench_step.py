@@ -1,10 +1,14 @@
 """Training-step benchmark: this pack's trainer vs the host's TrainLoraNode mechanism vs diffusers+PEFT.
 
-Run through ``bash scripts/bench.sh`` (see benchmarks/README_performance.md). Every contestant
+Run through ``bash scripts/bench.sh`` (see the README's Performance section). Every contestant
 trains a rank-16 LoRA on the same SD3-shaped random-weight model dimensions and the same cached
 inputs; steps are interleaved round-robin in this one process and the median is reported.
-The last line printed is ``ratio_vs_native_bf16=<our s/step ÷ host mechanism s/step>``
-(batch 1, bf16 autocast).
+
+Only the precisions this machine computes natively are measured: fp32 always, bf16 where a bf16
+matmul is not slower than fp32 (``trainer.precision.is_native``: with AMX it is ~10x faster, on CPUs
+without AVX-512 bf16 ~100x slower). The matmul peak is measured in the fastest of them. The last
+lines are, per native precision, ``ratio_vs_native_<dtype>=<our s/step ÷ host mechanism s/step>``
+(batch 1) and ``ratio_vs_best_peer_<dtype>=<our s/step ÷ the faster peer's>`` (the worst batch).
 """
 from __future__ import annotations
 
@@ -39,7 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's own). 1 avoids OpenMP spin-wait collapse when "
                         "other processes share the cores")
-    p.add_argument("--profile", action="store_true", help="profile one step of ours (bf16, batch 1) and exit")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one step of ours (batch 1, in --profile-dtype) and exit")
+    p.add_argument("--profile-dtype", choices=("fp32", "bf16"), default=None,
+                   help="precision of --profile (default: the fastest native one)")
     a = p.parse_args(argv)
     a.depth = a.depth or (8 if a.quick else 12)
     a.rounds = a.rounds or (3 if a.quick else 5)
@@ -66,68 +73,92 @@ def build_ours_model(shape: Shape):
     return sd, mp
 
 
-def build_contestants(args, shape: Shape, inputs: C.Inputs):
-    """name -> contestant, with 'name|batch|dtype' keys so the table can be grouped."""
+def native_dtypes() -> list:
+    """The precisions this machine runs natively, fastest last: ["fp32"] or ["fp32", "bf16"]."""
+    from sd3_lora_trainer.trainer.precision import is_native
+    return ["fp32", "bf16"] if is_native(torch.bfloat16) else ["fp32"]
+
+
+def peak_key(dtypes) -> str:
+    """The table key of the matmul-peak contestant, in the fastest native dtype."""
+    return f"{dtypes[-1]} matmul 4096³ (peak)|-|{dtypes[-1]}"
+
+
+def build_contestants(args, shape: Shape, inputs: C.Inputs, dtypes):
+    """name -> contestant, with 'name|batch|dtype' keys so the table can be grouped.
+
+    Levers run in the fastest native dtype; the bf16-only levers (cast once, bf16-stored
+    weights) only where bf16 is native.
+    """
     from comfy.ldm.modules.attention import attention_pytorch
     from sd3_lora_trainer.trainer.config import TrainConfig
     log(f"building models: depth {shape.depth}")
     sd, mp = build_ours_model(shape)
     mmdit, cdt = mp.model.diffusion_model, compute_dtype(mp)
     log(f"host MMDiT: {count_params(mmdit) / 1e6:.0f} M params, compute dtype {cdt}")
-    host_mps = {bf16: host_model_patcher(sd, torch.float32) for bf16 in (True, False)}
+    host_mps = {dt == "bf16": host_model_patcher(sd, torch.float32) for dt in dtypes}
     dif = diffusers_sd3(shape, inputs.latents.shape[-1])
     n_peft = C.add_peft_lora(dif, args.rank)
     log(f"diffusers SD3Transformer2DModel: {count_params(dif) / 1e6:.0f} M params incl. LoRA, {n_peft} PEFT LoRA Linears")
-    bf16_mmdit = None if args.no_levers else copy.deepcopy(mmdit).to(torch.bfloat16)
+    lever_dt = dtypes[-1]
+    lever_bf16 = lever_dt == "bf16"
+    bf16_mmdit = copy.deepcopy(mmdit).to(torch.bfloat16) if lever_bf16 and not args.no_levers else None
     del sd
 
     out = {}
     for b in args.batches:
-        for bf16 in (True, False):
-            dt = "bf16" if bf16 else "fp32"
+        for dt in dtypes:
+            bf16 = dt == "bf16"
             out[f"ours|{b}|{dt}"] = C.Ours(mmdit, inputs, b, bf16, args.rank, cdt)
             out[f"host TrainLoraNode mechanism|{b}|{dt}"] = C.HostWeightWrappers(host_mps[bf16], inputs, b, bf16, args.rank)
             out[f"diffusers+PEFT|{b}|{dt}"] = C.DiffusersPeft(dif, inputs, b, bf16, args.rank)
-        if not args.no_levers and b in args.lever_batches:
-            out[f"ours + SDPA attention|{b}|bf16"] = C.Ours(mmdit, inputs, b, True, args.rank, cdt, attention=attention_pytorch)
-            out[f"ours, weights stored bf16|{b}|bf16"] = C.Ours(bf16_mmdit, inputs, b, True, args.rank, torch.bfloat16)
-            out[f"ours − cast once (autocast casts per call)|{b}|bf16"] = C.Ours(mmdit, inputs, b, True, args.rank, cdt,
-                                                                              cast_once=False)
-            out[f"ours − fused AdamW|{b}|bf16"] = C.Ours(mmdit, inputs, b, True, args.rank, cdt,
-                                                         optimizer_args="fused=False")
-            out[f"ours + torch_compile|{b}|bf16"] = C.Ours(mmdit, inputs, b, True, args.rank, cdt, torch_compile=True)
-            # PyTorch attention, as the train node requires for this pair (nodes/host.py).
-            out[f"ours + torch_compile + grad checkpointing + SDPA|{b}|bf16"] = C.Ours(
-                mmdit, inputs, b, True, args.rank, cdt, attention=attention_pytorch, torch_compile=True,
-                gradient_checkpointing=True)
-            out[f"ours + grad checkpointing|{b}|bf16"] = C.Ours(mmdit, inputs, b, True, args.rank, cdt,
-                                                                gradient_checkpointing=True)
-            if "split_qkv" in TrainConfig.__dataclass_fields__:  # shows what the fused-qkv LoRA saves
-                out[f"ours + split_qkv LoRA|{b}|bf16"] = C.Ours(mmdit, inputs, b, True, args.rank, cdt, split_qkv=True)
+        if args.no_levers or b not in args.lever_batches:
+            continue
+
+        def lever(name, model=mmdit, dtype=cdt, **kw):
+            out[f"{name}|{b}|{lever_dt}"] = C.Ours(model, inputs, b, lever_bf16, args.rank, dtype, **kw)
+
+        lever("ours + SDPA attention", attention=attention_pytorch)
+        if lever_bf16:  # levers of bf16 autocast itself
+            lever("ours, weights stored bf16", bf16_mmdit, torch.bfloat16)
+            lever("ours − cast once (autocast casts per call)", cast_once=False)
+        lever("ours − fused AdamW", optimizer_args="fused=False")
+        lever("ours + torch_compile", torch_compile=True)
+        # PyTorch attention, as the train node requires for this pair (nodes/host.py).
+        lever("ours + torch_compile + grad checkpointing + SDPA", attention=attention_pytorch, torch_compile=True,
+              gradient_checkpointing=True)
+        lever("ours + grad checkpointing", gradient_checkpointing=True)
+        if "split_qkv" in TrainConfig.__dataclass_fields__:  # shows what the fused-qkv LoRA saves
+            lever("ours + split_qkv LoRA", split_qkv=True)
     if args.only:
         keep = args.only.split(",")
         out = {k: v for k, v in out.items() if any(s in k for s in keep)}
-    out["bf16 matmul 4096³ (peak)|-|bf16"] = C.Matmul(4096)
+    out[peak_key(dtypes)] = C.Matmul(4096, torch.bfloat16 if dtypes[-1] == "bf16" else torch.float32)
     return out
 
 
-def print_table(args, contestants, flops, results, memory):
+def print_table(args, contestants, flops, results, memory, dtypes):
     """The results table; ratios against the host mechanism at the same batch and dtype."""
-    peak_key = "bf16 matmul 4096³ (peak)|-|bf16"
-    peak_gflops = contestants[peak_key].flops / measure.median([m["s"] for m in results[peak_key]]) / 1e9
+    from sd3_lora_trainer.trainer.precision import matmul_slowdown
+    peak = peak_key(dtypes)
+    peak_gflops = contestants[peak].flops / measure.median([m["s"] for m in results[peak]]) / 1e9
     med = {k: measure.median([m["s"] for m in v]) for k, v in results.items()}
     print()
     print(f"depth {args.depth}, rank {args.rank}, latents 16x32x32, context 333x4096, pooled 2048, "
-          f"{args.rounds} interleaved rounds, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"bf16 matmul peak measured in this run: {peak_gflops:.0f} GFLOP/s")
+          f"{args.rounds} interleaved rounds, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    slow = matmul_slowdown(torch.bfloat16)
+    print(f"native precisions: {', '.join(dtypes)} (a 256³ bf16 matmul takes {slow:.2f}x the fp32 time here"
+          f"{'' if 'bf16' in dtypes else ': bf16 is not native, so it is not measured'})")
+    print(f"{dtypes[-1]} matmul peak measured in this run: {peak_gflops:.0f} GFLOP/s")
     print("step ΔRSS = peak RSS during one step − RSS before it (kernel VmHWM; free heap trimmed first); "
           "resident = frozen weights + LoRA + optimiser state")
     hdr = ("contestant", "batch", "dtype", "s/step", "vs host", "step ΔRSS MB", "resident MB",
-           "GFLOP/step", "GFLOP/s", "% bf16 peak")
+           "GFLOP/step", "GFLOP/s", f"% {dtypes[-1]} peak")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     for key, c in contestants.items():
-        if key == peak_key:
+        if key == peak:
             continue
         name, b, dt = key.split("|")
         host = med.get(f"host TrainLoraNode mechanism|{b}|{dt}")
@@ -138,18 +169,36 @@ def print_table(args, contestants, flops, results, memory):
               f"{c.resident_bytes() / 2**20:.0f} | {gf:.0f} | {rate:.0f} | {100 * rate / peak_gflops:.1f} |"
               if host else f"| {name} | {b} | {dt} | {med[key]:.3f} | - | {dmem:.0f} | "
               f"{c.resident_bytes() / 2**20:.0f} | {gf:.0f} | {rate:.0f} | {100 * rate / peak_gflops:.1f} |")
-    ours, host = med.get("ours|1|bf16"), med.get("host TrainLoraNode mechanism|1|bf16")
-    if ours and host:
-        if args.depth != 12 or args.rank != 16:
-            print(f"(note: measured at depth {args.depth}, rank {args.rank}; the target is defined at depth 12, rank 16)")
-        print(f"ratio_vs_native_bf16={ours / host:.3f}")
+    if args.depth != 12 or args.rank != 16:
+        print(f"(note: measured at depth {args.depth}, rank {args.rank}; the targets are defined at depth 12, rank 16)")
+    for dt in dtypes:
+        ours, host = med.get(f"ours|1|{dt}"), med.get(f"host TrainLoraNode mechanism|1|{dt}")
+        if ours and host:
+            print(f"ratio_vs_native_{dt}={ours / host:.3f}")
+        best = best_peer_ratios(med, dt)
+        if best:
+            print(f"ratio_vs_best_peer_{dt}={max(best.values()):.3f}  "
+                  f"({', '.join(f'batch {b}: {r:.3f}' for b, r in sorted(best.items()))})")
+
+
+def best_peer_ratios(med: dict, dt: str) -> dict:
+    """batch -> our s/step ÷ the faster peer's (host mechanism or diffusers+PEFT), for each batch measured."""
+    out = {}
+    for key, ours in med.items():
+        name, b, kdt = key.split("|")
+        peers = [med.get(f"{p}|{b}|{dt}") for p in ("host TrainLoraNode mechanism", "diffusers+PEFT")]
+        if name == "ours" and kdt == dt and all(peers):
+            out[int(b)] = ours / min(peers)
+    return out
 
 
 def profile(args, shape: Shape, inputs: C.Inputs) -> None:
-    """torch.profiler over one step of ours (bf16, batch 1): top ops by self CPU time."""
+    """torch.profiler over one step of ours (batch 1): top ops by self CPU time."""
     from torch.profiler import ProfilerActivity, profile as tprofile
+    dt = args.profile_dtype or native_dtypes()[-1]
+    log(f"profiling one step of ours in {dt}")
     _, mp = build_ours_model(shape)
-    ours = C.Ours(mp.model.diffusion_model, inputs, 1, True, args.rank, compute_dtype(mp))
+    ours = C.Ours(mp.model.diffusion_model, inputs, 1, dt == "bf16", args.rank, compute_dtype(mp))
     with ours.run():
         for _ in range(2):
             ours.step()
@@ -173,7 +222,9 @@ def main(argv=None) -> None:
     if args.profile:
         profile(args, shape, inputs)
         return
-    contestants = build_contestants(args, shape, inputs)
+    dtypes = native_dtypes()
+    log(f"native precisions here: {', '.join(dtypes)}")
+    contestants = build_contestants(args, shape, inputs, dtypes)
     log(f"{len(contestants)} contestants; counting FLOPs (this round is also the warm-up)")
     flops = {}
     for k, c in contestants.items():
@@ -198,7 +249,7 @@ def main(argv=None) -> None:
     for k, c in contestants.items():
         with measure.run_of(c):
             memory[k] = measure.memory_step(c.step)
-    print_table(args, contestants, flops, results, memory)
+    print_table(args, contestants, flops, results, memory, dtypes)
 
 
 if __name__ == "__main__":

@@ -252,12 +252,12 @@ def add_peft_lora(transformer, rank: int = 16) -> int:
 
 
 class Matmul:
-    """This machine's bf16 matmul peak: one n×n×n bf16 matmul per ``step``."""
+    """This machine's matmul peak in ``dtype``: one n×n×n matmul per ``step``."""
 
-    def __init__(self, n: int = 4096):
+    def __init__(self, n: int = 4096, dtype: torch.dtype = torch.bfloat16):
         g = torch.Generator().manual_seed(0)
-        self.a = torch.randn(n, n, generator=g).bfloat16()
-        self.b = torch.randn(n, n, generator=g).bfloat16()
+        self.a = torch.randn(n, n, generator=g).to(dtype)
+        self.b = torch.randn(n, n, generator=g).to(dtype)
         self.flops = 2 * n ** 3
 
     def step(self) -> float:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -31,7 +32,9 @@ def _table_rows(text: str) -> dict:
 
 
 def test_gpu_check_dry_run_runs_every_case():
-    text = _run("gpu_check.py", "--dry-run")
+    # 512 px, not the GPU run's 1024: the dry run is bf16 like the GPU run, and on a CPU without
+    # native bf16 (about 1 GFLOP/s) 4096-token attention alone would take minutes.
+    text = _run("gpu_check.py", "--dry-run", "--resolution", "512")
     rows = _table_rows(text)
     names = {"large: ours", "large: host TrainLoraNode mechanism", "large: ours, capped at 24 GB",
              "medium: ours", "medium: host TrainLoraNode mechanism"}
@@ -43,17 +46,35 @@ def test_gpu_check_dry_run_runs_every_case():
 
 
 def test_step_benchmark_prints_its_table_and_ratio():
-    only = "ours|1|bf16,host TrainLoraNode mechanism|1|bf16,diffusers+PEFT|1|bf16,cast once,fused AdamW,split_qkv"
+    """The table and ratio lines cover exactly the precisions the benchmark found native here."""
+    only = "ours|1|,host TrainLoraNode mechanism|1|,diffusers+PEFT|1|,cast once,fused AdamW,split_qkv"
     text = _run("bench_step.py", "--depth", "2", "--rounds", "1", "--batches", "1", "--only", only)
+    native = re.search(r"^native precisions: ([a-z0-9, ]+) \(", text, re.M)
+    assert native, text
+    dtypes = native.group(1).split(", ")
+    assert dtypes[0] == "fp32" and set(dtypes) <= {"fp32", "bf16"}, dtypes
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert dtypes == ["fp32"], "oneDNN has no bf16 kernels on this CPU, yet bf16 was measured as native"
+    assert re.search(rf"^{dtypes[-1]} matmul peak measured in this run: \d+ GFLOP/s$", text, re.M), text
     rows = _table_rows(text)
-    for name in ("ours|1|bf16", "host TrainLoraNode mechanism|1|bf16", "diffusers+PEFT|1|bf16",
-                 "ours − cast once (autocast casts per call)|1|bf16"):
-        cells = rows[name]
-        seconds, flops = float(cells[3]), float(cells[7])
-        assert seconds > 0 and flops > 0, cells
-    last = text.strip().splitlines()[-1]
-    assert re.fullmatch(r"ratio_vs_native_bf16=\d+\.\d+", last), last
-    assert float(last.split("=")[1]) == pytest.approx(float(rows["ours|1|bf16"][4]), abs=0.006)  # "vs host"
+    assert {k.split("|")[2] for k in rows} == set(dtypes), rows.keys()
+    levers = ["ours − fused AdamW"] + (["ours − cast once (autocast casts per call)"] if "bf16" in dtypes else [])
+    for dt in dtypes:
+        for name in ["ours", "host TrainLoraNode mechanism", "diffusers+PEFT"] + (levers if dt == dtypes[-1] else []):
+            cells = rows[f"{name}|1|{dt}"]
+            seconds, flops = float(cells[3]), float(cells[7])
+            assert seconds > 0 and flops > 0, cells
+    lines = text.strip().splitlines()
+    for dt in dtypes:
+        host = [line for line in lines if line.startswith(f"ratio_vs_native_{dt}=")]
+        assert len(host) == 1 and re.fullmatch(rf"ratio_vs_native_{dt}=\d+\.\d+", host[0]), lines[-6:]
+        assert float(host[0].split("=")[1]) == pytest.approx(float(rows[f"ours|1|{dt}"][4]), abs=0.006)  # "vs host"
+        best = [line for line in lines if line.startswith(f"ratio_vs_best_peer_{dt}=")]
+        assert len(best) == 1, lines[-6:]
+        peers = min(float(rows[f"{p}|1|{dt}"][3]) for p in ("host TrainLoraNode mechanism", "diffusers+PEFT"))
+        expected = float(rows[f"ours|1|{dt}"][3]) / peers
+        assert float(best[0].split("=")[1].split()[0]) == pytest.approx(expected, rel=0.05)  # s/step has 3 decimals
+    assert lines[-1].startswith(f"ratio_vs_best_peer_{dtypes[-1]}="), lines[-1]
 
 
 def test_memory_benchmark_prints_its_ratio():
