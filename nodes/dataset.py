@@ -92,7 +92,7 @@ def _finish(groups, source: str, warnings: list, kw: dict):
     summary = data.summary()
     if kw.get("unique_id") is not None:
         # Shown on the node by web/dataset_summary.js (image counts and the bucket table).
-        live.send("sd3lora.dataset", {"node": str(kw["unique_id"]), "summary": summary})
+        live.dataset_summary(kw["unique_id"], summary)
     return data, summary
 
 

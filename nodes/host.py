@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -109,11 +109,13 @@ def _encode_text(clip, caption: str, options: dict) -> Tuple[torch.Tensor, torch
     return cond.float().clone(), pooled.float().clone()
 
 
-def encode_dataset(model, clip, vae, dataset: TrainingData, settings=None) -> Tuple[BucketedData, EncodeStats]:
+def encode_dataset(model, clip, vae, dataset: TrainingData, settings=None,
+                   on_progress: Optional[Callable[[int, int], None]] = None) -> Tuple[BucketedData, EncodeStats]:
     """The batch source of ``dataset``: VAE latents (in the model's latent space) and CLIP/T5
     outputs (with the text options of ``settings``), taken from the cache where an entry for the
-    same content, encoders and options exists and encoded otherwise. Shows a progress bar; Cancel
-    stops it (what was cached so far stays)."""
+    same content, encoders and options exists and encoded otherwise. Shows a progress bar and
+    calls ``on_progress(done, total)`` (from 0, before the encoders load); Cancel stops it (what
+    was cached so far stays)."""
     if clip is None:
         raise ValueError("the CLIP input is empty: this checkpoint has no text encoders. "
                          "Load them with 'TripleCLIPLoader' and connect its CLIP output")
@@ -127,9 +129,16 @@ def encode_dataset(model, clip, vae, dataset: TrainingData, settings=None) -> Tu
     options = text_options(settings)
     enc = Encoders(encode_image, lambda caption: _encode_text(clip, caption, options), vae_identity(model, vae),
                    clip_identity(clip, json.dumps(options, sort_keys=True)))
-    bar = comfy.utils.ProgressBar(total_items(dataset))
+    total = total_items(dataset)
+    bar = comfy.utils.ProgressBar(total)
+    done = [0]
+    if on_progress is not None:
+        on_progress(0, total)
 
     def progress():
+        done[0] += 1
+        if on_progress is not None:
+            on_progress(done[0], total)
         bar.update(1)
         comfy.model_management.throw_exception_if_processing_interrupted()
 

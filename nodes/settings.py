@@ -37,7 +37,11 @@ class SD3LoraSettings:
             "max_grad_norm": _float(_D.max_grad_norm, 0, 100, 0.01, "Gradient clipping norm; 0 disables (--max_grad_norm)."),
             "mixed_precision": (list(MIXED_PRECISION), {"default": _D.mixed_precision, "tooltip":
                                 "bf16/fp16 autocast of the forward; fp16 uses a grad scaler (--mixed_precision)."}),
-            "seed": _int(_D.seed, 0, 2**63 - 1, "Seeds LoRA init, data order, noise, timesteps, dropouts (--seed)."),
+            # No "control after generate" (the editor adds one, set to randomize, to any INT named
+            # seed): a seed that changed on every queue would restart the session each time.
+            "seed": ("INT", {"default": _D.seed, "min": 0, "max": 2**63 - 1, "control_after_generate": False,
+                             "tooltip": "Seeds LoRA init, data order, noise, timesteps, dropouts (--seed). "
+                                        "Fixed: queue again continues the session."}),
         }, "optional": {
             "network_args": (NETWORK_ARGS, {"tooltip": "From 'SD3 LoRA Network Args': per-layer ranks, blocks, dropouts."}),
             "optimizer": (OPTIMIZER, {"tooltip": "From 'SD3 LoRA Optimizer': optimizer, schedule, accumulation."}),

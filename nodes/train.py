@@ -16,7 +16,7 @@ from ..trainer.loop import train
 from ..trainer.precision import precision_warning
 from ..trainer.prepare import check_fp8_base, freeze_base_model, model_signature
 from ..trainer.state import build_network, build_text_networks, new_train_state
-from . import host
+from . import host, live
 from .common import CATEGORY, DATASET, LORA, LOSS_MAP, SAMPLING, SAVE_EVERY, SETTINGS, TRAIN_STATE
 from .save_every import save_if_due
 from .state_nodes import get_or_resume
@@ -78,25 +78,32 @@ class SD3LoraTrain:
             mmdit = host.load_for_training(model)
             freeze_base_model(mmdit)
             fingerprint = dict(settings.to_dict(), dataset=dataset.fingerprint, model=model_signature(mmdit))
-            session, note = get_or_resume(key, fingerprint,
-                                          lambda: self._start(key, fingerprint, model, clip, vae, dataset,
-                                                              settings, mmdit), resume, mmdit, settings,
-                                          host.text_encoder_modules(clip))
+            try:
+                session, note = get_or_resume(key, fingerprint,
+                                              lambda: self._start(key, fingerprint, model, clip, vae, dataset,
+                                                                  settings, mmdit, unique_id), resume, mmdit,
+                                              settings, host.text_encoder_modules(clip))
+            except BaseException:
+                live.phase_stopped(unique_id)  # e.g. Cancel while caching: the node says so
+                raise
             log.info("SD3 LoRA train (%s): %s", key, note)
             start_step = session.state.step
             bar = comfy.utils.ProgressBar(steps)
             extras = RunExtras(unique_id, session, steps, model, sampling, clip, vae, dataset.resolution,
-                               prompt, extra_pnginfo)
+                               prompt, extra_pnginfo, note=note)
             text_options = host.text_options(settings)
             text_networks = session.state.text_networks
             dtype = host.compute_dtype(model)
 
             def after_step(step, loss):
-                """Progress bar, live view and samples, validation, and step saves, after each step."""
-                bar.update(1)
+                """Live view and samples, validation, step saves, then the progress bar, after each step.
+
+                The bar comes last: the host's progress hook raises when Cancel was pressed, and
+                the finished step must still reach the chart and its due save."""
                 extras.on_step(step, loss, mmdit)
                 host.maybe_validate(session, mmdit, step, dtype, clip, dataset, settings)
                 save_if_due(save_every, session, step)
+                bar.update(1)
 
             def encode_text(captions):
                 return host.encode_captions(clip, captions, text_options, grad=bool(text_networks))
@@ -130,14 +137,17 @@ class SD3LoraTrain:
                 "result": (patched, snap, summary, {"loss": list(snap.losses)}, samples, patched_clip)}
 
     @staticmethod
-    def _start(key, fingerprint, model, clip, vae, dataset, settings, mmdit):
-        """Encode the dataset (or find it in the cache) and build a fresh LoRA network and optimiser."""
+    def _start(key, fingerprint, model, clip, vae, dataset, settings, mmdit, node_id=None):
+        """Encode the dataset (or find it in the cache) and build a fresh LoRA network and optimiser;
+        the editor shows the caching's progress on the node."""
         host.check_resolution(mmdit, dataset.max_side)  # buckets may be longer than the resolution
         text_networks = build_text_networks(host.text_encoder_modules(clip), settings)
         if text_networks and dataset.cache.text != "none":
             raise ValueError("network_train_unet_only is off, so the text encoders are trained and their outputs "
                              "change every step: set the dataset's cache_text_encoder_outputs to none")
-        data, stats = host.encode_dataset(model, clip, vae, dataset, settings)
+        what = caching_label(dataset.cache)
+        data, stats = host.encode_dataset(model, clip, vae, dataset, settings,
+                                          lambda done, total: live.phase(node_id, f"{what} {done}/{total}"))
         network = build_network(mmdit, settings)
         info = dict(dataset.metadata_info(),
                     variant=detect_variant(mmdit),
@@ -147,3 +157,10 @@ class SD3LoraTrain:
                     session_id=uuid.uuid4().int % 2**31)
         return sessions.Session(key=key, fingerprint=fingerprint, state=new_train_state(settings, network, text_networks),
                                 data=data, info=info)
+
+
+def caching_label(cache) -> str:
+    """What the caching pass before the first step does, for the node: "caching latents 3/8"."""
+    parts = [name for name, mode in (("latents", cache.latents), ("text-encoder outputs", cache.text))
+             if mode != "none"]
+    return f"caching {' and '.join(parts)}" if parts else "reading images"

@@ -22,12 +22,13 @@ class RunExtras:
         model: the train node's MODEL input (samples use a LoRA-patched clone of it).
         sampling: SamplingOptions or None. clip, vae, resolution: for the samples.
         prompt, extra_pnginfo: the host's hidden inputs, written into the sample PNGs.
+        note: the session's note (continuing, or why a new session started), shown on the node.
     """
 
     def __init__(self, node_id, session, steps: int, model, sampling=None, clip=None, vae=None,
-                 resolution: int = 512, prompt=None, extra_pnginfo=None):
+                 resolution: int = 512, prompt=None, extra_pnginfo=None, note: str = ""):
         self.session, self.model = session, model
-        self.live = LiveRun(node_id, session.state, steps)
+        self.live = LiveRun(node_id, session.state, steps, note)
         self.sampler: Optional[SampleRunner] = None
         self.sampled_this_run = False
         if sampling is not None:

@@ -55,7 +55,8 @@ def test_example_workflow_trains_saves_and_previews(workflow_path, comfy_server,
 
     # The pack's live events reached the websocket client: one per step, then the end of the run.
     live = [d for t, d in events if t == "sd3lora.progress" and d["node"] == train_id]
-    assert [d["step"] for d in live if not d.get("done")][-1] == steps and live[-1].get("done")
+    assert [d["step"] for d in live if isinstance(d.get("loss"), float)][-1] == steps and live[-1].get("done")
+    assert live[-1]["losses"][-1] == live[-2]["loss"]  # the end of the run carries every loss
 
     # The host's progress bar moved with the steps on the training node (newer hosts send at most
     # one update per 100 ms, and always the first and the last).

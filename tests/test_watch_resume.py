@@ -95,10 +95,20 @@ def test_resume_if_missing(N, pack, loaded, dataset):
 def test_live_events_history_route_data_and_loss_outputs(N, pack, loaded, dataset, events):
     out = train(N, pack, loaded, dataset, 3, "live")
     progress = [d for t, d in events if t == "sd3lora.progress"]
-    assert [d["step"] for d in progress[:3]] == [1, 2, 3] and progress[-1]["done"]
-    assert all(d["node"] == "live" and d["total"] == 3 and d["lr"] == pytest.approx(1e-3) for d in progress)
-    assert [d["loss"] for d in progress[:3]] == out[1].losses
-    assert progress[2]["steps_per_s"] > 0 and progress[2]["eta_s"] == 0
+    # Caching first (the node shows "caching ... 3/8"), then the run starts with the session's note.
+    phases = [d["phase"] for d in progress if "phase" in d]
+    assert phases[0] == "caching latents and text-encoder outputs 0/8"
+    assert phases[-1] == "caching latents and text-encoder outputs 8/8" and len(phases) == 9
+    start = next(d for d in progress if d.get("reset"))
+    assert start["losses"] == [] and start["step"] == 0 and start["note"] == "started a new session"
+    steps = [d for d in progress if isinstance(d.get("loss"), float)]
+    assert [d["step"] for d in steps] == [1, 2, 3] and progress[-1]["done"]
+    assert all(d["node"] == "live" and d["total"] == 3 and d["lr"] == pytest.approx(1e-3) for d in steps)
+    assert [d["loss"] for d in steps] == out[1].losses
+    # The rate leaves out the run's first step (warm-up), so there is none yet after it.
+    assert steps[0]["steps_per_s"] is None and steps[0]["eta_s"] is None
+    assert steps[2]["steps_per_s"] > 0 and steps[2]["eta_s"] == 0
+    assert progress[-1]["losses"] == out[1].losses  # the end carries every loss (a Cancel may skip an event)
     view = pack.nodes.live.history("live")
     assert view["losses"] == out[1].losses and not view["running"] and view["step"] == 3
     assert out[3] == {"loss": out[1].losses}
