@@ -1,8 +1,9 @@
-// Newest training sample inside the SD3 LoRA Train node (right of the loss chart), from the
-// pack's "sd3lora.samples" websocket event or the server's history after a page reload.
+// Newest training sample inside the SD3 LoRA Train node (right of the loss chart, below the stats
+// line) with the step it was made at, from the pack's "sd3lora.samples" websocket event or the
+// server's history after a page reload.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { TRAIN_NODE, applyRecord, findNode, liveArea } from "./lib/live_view.js";
+import { TRAIN_NODE, applyRecord, findNode, liveArea, liveLayout } from "./lib/live_view.js";
 
 /** The /view URL of a saved sample (the host serves the output folder there). */
 function viewUrl(info) {
@@ -12,7 +13,7 @@ function viewUrl(info) {
 
 function onSamples(event) {
   const node = findNode(event.detail?.node);
-  if (node) applyRecord(node, { samples: event.detail.images });
+  if (node) applyRecord(node, { samples: event.detail.images, samples_step: event.detail.step });
 }
 
 /** The loaded <img> of the node's newest sample (loading it on first use), or null. */
@@ -38,11 +39,19 @@ app.registerExtension({
     nodeType.prototype.onDrawForeground = function (ctx) {
       const result = onDrawForeground?.apply(this, arguments);
       const img = !this.flags?.collapsed && sampleImage(this);
-      if (img) {
-        const area = liveArea(this);
-        const scale = Math.min(area.h / img.naturalWidth, area.h / img.naturalHeight);
+      const box = img && liveLayout(liveArea(this), true).thumb;
+      if (box) {
+        const label = this.sd3lora.samplesStep != null ? `sample, step ${this.sd3lora.samplesStep}` : "sample";
+        const room = box.h - 14; // the label goes under the image
+        const scale = Math.min(box.w / img.naturalWidth, room / img.naturalHeight);
         const w = img.naturalWidth * scale, h = img.naturalHeight * scale;
-        ctx.drawImage(img, area.x + area.w - area.h + (area.h - w) / 2, area.y + (area.h - h) / 2, w, h);
+        ctx.drawImage(img, box.x + (box.w - w) / 2, box.y, w, h);
+        ctx.save();
+        ctx.font = "11px sans-serif";
+        ctx.fillStyle = "#ccc";
+        ctx.textAlign = "center";
+        ctx.fillText(label, box.x + box.w / 2, box.y + h + 11);
+        ctx.restore();
       }
       return result;
     };
