@@ -7,6 +7,7 @@ the argument and the fix: status 2 for the command line, 1 for what fails later.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -57,6 +58,18 @@ def _prepare(argv: List[str]):
     return args, plan, full
 
 
+def _for_device(plan):
+    """blocks_to_swap keeps blocks in CPU memory for a GPU run; on the CPU they are there already,
+    so it is turned off (with a note) rather than refused (a GPU command line runs on the CPU)."""
+    import comfy.model_management
+
+    if plan.config.blocks_to_swap and comfy.model_management.get_torch_device().type == "cpu":
+        log.warning("--blocks_to_swap %d: this run is on the CPU, where every block is in CPU memory already; "
+                    "swapping is off", plan.config.blocks_to_swap)
+        return dataclasses.replace(plan, config=dataclasses.replace(plan.config, blocks_to_swap=0))
+    return plan
+
+
 def _build_dataset(plan):
     """The dataset through its node (errors name the dataset argument)."""
     from .run import build_dataset
@@ -81,6 +94,7 @@ def _run(args, plan, full) -> int:
 
     folder_paths.set_output_directory(plan.outputs.output_dir)
     main = distributed.is_main()
+    plan = _for_device(plan)
     if main:
         comfy.utils.set_progress_bar_global_hook(HostProgress())
     dataset, summary = _build_dataset(plan)
