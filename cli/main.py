@@ -83,6 +83,20 @@ def _build_dataset(plan):
         raise CliError(f"--{argument}: {e}") from None
 
 
+def _resumed_step(plan) -> int:
+    """The step of the --resume state (0 without one); a missing or foreign state names --resume."""
+    if not plan.resume:
+        return 0
+    from ..trainer import checkpoint
+    from .saving import resume_stem
+
+    try:
+        return checkpoint.load_state(resume_stem(plan.resume))[checkpoint.PROGRESS]["step"]
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise CliError(f"--resume {plan.resume}: {e}; pass a <name>-...-state folder written by --save_state, "
+                       f"or the state files of 'SD3 LoRA Save State'") from None
+
+
 def _run(args, plan, full) -> int:
     """Set up the host, then the dataset, workflow, models and training (in this process)."""
     import comfy.utils
@@ -102,12 +116,7 @@ def _run(args, plan, full) -> int:
         log.info("dataset: %s", summary)
     loaders = models.loader_nodes(plan.models, full)
     config, length = run_length(plan, dataset, distributed.world_size())
-    resumed = 0
-    if plan.resume:
-        from ..trainer import checkpoint
-        from .saving import resume_stem
-
-        resumed = checkpoint.load_state(resume_stem(plan.resume))[checkpoint.PROGRESS]["step"]
+    resumed = _resumed_step(plan)
     graph = workflows.build(plan, loaders, config, length, resumed)
     if args.write_workflow:
         log.info("wrote %s", workflows.write(args.write_workflow, graph))

@@ -239,6 +239,9 @@ def plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
     for name in ("max_train_epochs", "steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CliError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.network_weights and not os.path.isfile(os.path.expanduser(args.network_weights)):
+        raise CliError(f"--network_weights {args.network_weights}: no such file; pass a LoRA .safetensors file "
+                       f"to start from")
     if args.log_with and not args.logging_dir:
         raise CliError("--log_with tensorboard needs --logging_dir DIR (where the event files go)")
     return Plan(train_config(args), dataset_spec(args, parser), model_files(args), outputs(args), sampling(args),
