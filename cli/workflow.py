@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..headless.convert import has_control_widget, widget_inputs
+from ..headless.convert import default_widget_value, has_control_widget, widget_inputs
 
 from ..nodes import NODE_CLASS_MAPPINGS
 from ..trainer.config import TrainConfig
@@ -52,8 +52,7 @@ class _Builder:
         info = {"input": spec, "input_order": {k: list(v) for k, v in spec.items() if k != "hidden"}}
         widgets = []
         for name, input_spec in widget_inputs(info):
-            options = input_spec[1] if len(input_spec) > 1 and isinstance(input_spec[1], dict) else {}
-            widgets.append(values.get(name, options.get("default")))
+            widgets.append(values[name] if name in values else default_widget_value(input_spec))
             if has_control_widget(name, input_spec):
                 widgets.append("fixed")  # the run's seed stays as written
         widget_names = {n for n, _ in widget_inputs(info)}
@@ -62,9 +61,11 @@ class _Builder:
                    if n not in widget_names]
         outputs = [{"name": n, "type": t, "links": [], "slot_index": i}
                    for i, (t, n) in enumerate(zip(cls.RETURN_TYPES, getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES))]
-        row = sum(1 for n in self.nodes if n["pos"][0] == 40 + 420 * column)
-        node = {"id": len(self.nodes) + 1, "type": kind, "pos": [40 + 420 * column, 40 + 330 * row],
-                "size": [380, 90 + 26 * len(widgets)], "flags": {}, "order": len(self.nodes), "mode": 0,
+        # Stacked in their column, each as tall as the editor draws it (a smaller size gets re-laid out).
+        height = 60 + 30 * (len(widgets) + max(len(sockets), len(outputs)))
+        top = max([n["pos"][1] + n["size"][1] + 70 for n in self.nodes if n["pos"][0] == 40 + 420 * column] or [40])
+        node = {"id": len(self.nodes) + 1, "type": kind, "pos": [40 + 420 * column, top],
+                "size": [380, height], "flags": {}, "order": len(self.nodes), "mode": 0,
                 "inputs": sockets, "outputs": outputs, "properties": {"Node name for S&R": kind},
                 "widgets_values": widgets}
         if title:
