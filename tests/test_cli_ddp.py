@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import sd3_fixtures
 from cli_helpers import SCRIPT, TINY, checked, lora, run_cli
 
 TORCHRUN = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port")
@@ -30,19 +31,26 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
+@pytest.fixture(scope="module")
+def four_images(tmp_path_factory):
+    """Four captioned images: buckets of 1 and 3 at the sizes below (odd: padding rows happen)."""
+    return sd3_fixtures.write_dataset(tmp_path_factory.mktemp("ddp_data"), n=4, seed=0)
+
+
 def _argv(ckpt, dataset_dir, out, *more):
     return ["--pretrained_model_name_or_path", ckpt, "--train_data_dir", dataset_dir, *TINY, *BUCKETS,
             "--output_dir", out, "--output_name", "ddp", "--max_train_steps", "4", *more]
 
 
 @pytest.mark.slow
-def test_two_processes_train_what_one_trains_at_twice_the_batch(base_dir, sd35m_checkpoint, dataset_dir, tmp_path):
-    ckpt = base_dir / "models" / "checkpoints" / sd35m_checkpoint
+def test_two_processes_train_what_one_trains_at_twice_the_batch(base_dir, sd35m_checkpoint, four_images, tmp_path):
+    ckpt, dataset_dir = base_dir / "models" / "checkpoints" / sd35m_checkpoint, four_images
     two = checked(run_cli(_argv(ckpt, dataset_dir, tmp_path / "two", "--train_batch_size", "1",
                                 "--save_every_n_steps", "2", "--save_state"), launcher=TORCHRUN + (_free_port(),)))
     assert "all 2 processes hold the same LoRA" in two.stderr
     assert two.stderr.count("saved ") == 1  # only rank 0 writes
-    checked(run_cli(_argv(ckpt, dataset_dir, tmp_path / "one", "--train_batch_size", "2")))
+    # One thread, as torchrun gives each of its processes (a busy 2-core machine is far slower with two).
+    checked(run_cli(_argv(ckpt, dataset_dir, tmp_path / "one", "--train_batch_size", "2"), env={"OMP_NUM_THREADS": "1"}))
     a, b = lora(tmp_path / "two" / "ddp.safetensors"), lora(tmp_path / "one" / "ddp.safetensors")
     assert a.keys() == b.keys()
     for k in a:
@@ -80,14 +88,16 @@ class _Watched:
 
 
 @pytest.mark.slow
-def test_a_killed_process_stops_the_others(base_dir, sd35m_checkpoint, dataset_dir, tmp_path):
+def test_a_killed_process_stops_the_others(base_dir, sd35m_checkpoint, tmp_path):
     ckpt = base_dir / "models" / "checkpoints" / sd35m_checkpoint
-    argv = [str(a) for a in _argv(ckpt, dataset_dir, tmp_path / "out", "--max_train_steps", "100000")]
+    data = sd3_fixtures.write_dataset(tmp_path / "data", n=2, seed=1)
+    argv = [str(a) for a in _argv(ckpt, data, tmp_path / "out", "--max_train_steps", "100000")]
     # Started as a launcher without a supervisor would (torchrun's agent also stops the others itself):
     # the collective's failure must stop rank 0 with the pack's error, not wait.
     port = _free_port()
     ranks = [_Watched([sys.executable, str(SCRIPT), *argv], {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+                                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                                              "OMP_NUM_THREADS": "1"})
              for r in range(2)]
     try:
         ranks[0].wait_for("steps:")
