@@ -42,9 +42,19 @@ def _setup_host(sdpa: bool) -> None:
     in_process.setup_host(cpu=not torch.cuda.is_available(), pytorch_attention=sdpa)
 
 
+# Arguments naming files or folders: written as absolute paths, so the config file runs from anywhere.
+PATH_ARGUMENTS = ("pretrained_model_name_or_path", "clip_l", "clip_g", "t5xxl", "vae", "dataset_config",
+                  "train_data_dir", "reg_data_dir", "output_dir", "sample_prompts", "logging_dir", "resume",
+                  "network_weights")
+
+
 def _config_values(args) -> dict:
     """The arguments as a --config_file (what ``<name>.toml`` and --output_config write)."""
-    return {k: v for k, v in vars(args).items() if k not in NOT_WRITTEN and v is not None and v != []}
+    values = {k: v for k, v in vars(args).items() if k not in NOT_WRITTEN and v is not None and v != []}
+    for k in PATH_ARGUMENTS:
+        if values.get(k):
+            values[k] = os.path.abspath(os.path.expanduser(values[k]))
+    return values
 
 
 def _prepare(argv: List[str]):

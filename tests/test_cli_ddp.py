@@ -2,6 +2,7 @@
 2 processes at batch size 1 train the LoRA of 1 process at batch size 2 over the same images
 (buckets of odd sizes included), --save_state / --resume continue exactly, and a killed process
 stops the others with a clear error instead of a hang."""
+import json
 import os
 import signal
 import socket
@@ -107,3 +108,34 @@ def test_a_killed_process_stops_the_others(base_dir, sd35m_checkpoint, tmp_path)
     finally:
         for r in ranks:
             r.stop()
+
+
+SYNC_SCRIPT = """
+import json, sys
+sys.path.append(sys.argv[1])
+from headless import in_process
+in_process.register_pack()
+import torch
+from sd3_lora_trainer.trainer import distributed
+distributed.init_from_env(backend="gloo")
+rank = distributed.rank()
+params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(3)]
+params[1].grad = torch.full((3,), float(rank + 1))      # both processes
+if rank == 0:
+    params[2].grad = torch.ones(3)                     # one process only
+distributed.sync_gradients(params)
+print(json.dumps([None if p.grad is None else p.grad.tolist() for p in params]))
+distributed.shutdown()
+"""
+
+
+def test_gradients_are_summed_and_a_gradient_no_process_has_stays_none(tmp_path):
+    """What the optimiser sees after the sum: none where no process had a gradient (it skips the
+    parameter, as one process would), zeros added where only some had one."""
+    script = tmp_path / "sync.py"
+    script.write_text(SYNC_SCRIPT)
+    out = subprocess.run([sys.executable, *TORCHRUN, _free_port(), "--tee", "1", str(script),
+                          str(SCRIPT.parents[1])], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line.split(":", 1)[1] for line in out.stdout.splitlines() if line.strip().startswith("[")]
+    assert [json.loads(line) for line in lines] == [[None, [3.0] * 3, [1.0] * 3]] * 2

@@ -104,18 +104,24 @@ def sync_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     """Sum the gradients of ``params`` over the processes (each loss was already weighted by its
     process's part of the batch, so the sum is the whole batch's gradient).
 
-    The gradients travel as one flat buffer per dtype (one collective each, not one per tensor);
-    a parameter without a gradient on this process counts as zeros.
+    The gradients travel as one flat buffer per dtype (one collective each, not one per tensor).
+    A parameter no process has a gradient for (a module every process dropped) keeps none, so the
+    optimiser skips it as in one process; one that only some processes have counts as zeros on the others.
     """
     if not active():
         return
     params = [p for p in params if p.requires_grad]
+    device = _device()
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=device)
+    with _peers("summing gradients"):
+        dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
     by_dtype = {}
-    for p in params:
+    for p, anywhere in zip(params, has_grad.tolist()):
+        if not anywhere:
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         by_dtype.setdefault(p.grad.dtype, []).append(p)
-    device = _device()
     with _peers("summing gradients"):
         for group in by_dtype.values():
             flat = torch.cat([p.grad.reshape(-1) for p in group]).to(device)
