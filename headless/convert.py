@@ -126,7 +126,7 @@ def widget_inputs(node_info):
     return result
 
 
-def _default_widget_value(spec):
+def default_widget_value(spec):
     """The value a widget starts with in the editor: its default, else a combo's first option."""
     options = _input_spec_options(spec)
     if "default" in options:
@@ -162,7 +162,7 @@ def map_widget_values(node, node_info):
                 position += 1  # the control mode: editor-side only
     for name, spec in widgets:
         if name not in mapped:
-            default = _default_widget_value(spec)
+            default = default_widget_value(spec)
             if default is not None:
                 mapped[name] = default
     return mapped

@@ -11,6 +11,7 @@ from ..trainer.diffusers_format import kohya_to_diffusers
 from ..trainer.lora_file import SAVE_DTYPES, build_metadata, save_lora
 from .common import CATEGORY, LORA
 from .provenance import write_workflow_json
+from .run_config import write_run_config
 
 
 class SD3LoraSave:
@@ -30,7 +31,7 @@ class SD3LoraSave:
             "diffusers_export": ("BOOLEAN", {"default": False, "tooltip": "Also write <output_name>.diffusers"
                                  ".safetensors in diffusers/PEFT naming (to_q/to_k/to_v, alpha baked in) for "
                                  "diffusers' load_lora_weights."}),
-        }, "hidden": {"extra_pnginfo": "EXTRA_PNGINFO"}}
+        }, "hidden": {"extra_pnginfo": "EXTRA_PNGINFO", "prompt": "PROMPT", "unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("path",)
@@ -39,7 +40,8 @@ class SD3LoraSave:
     CATEGORY = CATEGORY
     DESCRIPTION = "Saves the trained LoRA as a kohya-format .safetensors file."
 
-    def save(self, lora, output_name, save_to, save_precision, diffusers_export=False, extra_pnginfo=None):
+    def save(self, lora, output_name, save_to, save_precision, diffusers_export=False, extra_pnginfo=None,
+             prompt=None, unique_id=None):
         name = output_name.strip()
         if not name or not re.fullmatch(r"[\w.\- ]+", name) or name.startswith("."):
             raise ValueError(f"output_name {output_name!r} is not a valid file name: use letters, digits, "
@@ -55,4 +57,6 @@ class SD3LoraSave:
         with open(os.path.join(folder, name + ".loss.json"), "w", encoding="utf-8") as f:
             json.dump({"step": lora.step, "loss": lora.losses}, f)
         write_workflow_json(os.path.join(folder, name), extra_pnginfo)  # the workflow that trained it
+        write_run_config(os.path.join(folder, name), lora, prompt, unique_id,  # the run as a --config_file
+                         {"output_name": name, "save_precision": save_precision, "diffusers_export": diffusers_export})
         return {"ui": {"text": [path]}, "result": (path,)}

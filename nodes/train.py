@@ -137,17 +137,18 @@ class SD3LoraTrain:
                 "result": (patched, snap, summary, {"loss": list(snap.losses)}, samples, patched_clip)}
 
     @staticmethod
-    def _start(key, fingerprint, model, clip, vae, dataset, settings, mmdit, node_id=None):
+    def _start(key, fingerprint, model, clip, vae, dataset, settings, mmdit, node_id=None, encode=None):
         """Encode the dataset (or find it in the cache) and build a fresh LoRA network and optimiser;
-        the editor shows the caching's progress on the node."""
+        the editor shows the caching's progress on the node. ``encode``: host.encode_dataset's
+        signature (the command line's multi-process runs encode once)."""
         host.check_resolution(mmdit, dataset.max_side)  # buckets may be longer than the resolution
         text_networks = build_text_networks(host.text_encoder_modules(clip), settings)
         if text_networks and dataset.cache.text != "none":
             raise ValueError("network_train_unet_only is off, so the text encoders are trained and their outputs "
                              "change every step: set the dataset's cache_text_encoder_outputs to none")
         what = caching_label(dataset.cache)
-        data, stats = host.encode_dataset(model, clip, vae, dataset, settings,
-                                          lambda done, total: live.phase(node_id, f"{what} {done}/{total}"))
+        shown = (lambda done, total: live.phase(node_id, f"{what} {done}/{total}")) if node_id is not None else None
+        data, stats = (encode or host.encode_dataset)(model, clip, vae, dataset, settings, shown)
         network = build_network(mmdit, settings)
         info = dict(dataset.metadata_info(),
                     variant=detect_variant(mmdit),

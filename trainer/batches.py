@@ -11,11 +11,35 @@ from .captions import fixed_caption, process_caption
 from .data import ImageCaption
 
 
+@dataclass(frozen=True)
+class Share:
+    """Which rows of a batch this process trains on. A multi-GPU run draws each batch for all
+    processes and splits it (trainer/distributed.py); one process trains the whole batch.
+
+    offset, rows: this process's rows of the batch of ``total``. weight: its part of the batch
+    mean, rows / total (0 for a process that only pads a batch too short to split).
+    """
+
+    offset: int
+    rows: int
+    total: int
+    weight: float = 1.0
+
+    @classmethod
+    def whole(cls, size: int) -> "Share":
+        return cls(0, size, size, 1.0)
+
+    def take(self, drawn: torch.Tensor) -> torch.Tensor:
+        """This process's rows of ``drawn``, a tensor drawn for the whole batch ([total, ...])."""
+        return drawn[self.offset:self.offset + self.rows]
+
+
 @dataclass
 class Batch:
     """One step's inputs. latents [B, 16, h, w] (in the model's latent space); context [B, L, D]
     and pooled [B, P] text-encoder outputs, or None with ``captions`` when the text is encoded per
-    step; loss_weight [B] per-sample loss factors; mask [B, 1, h, w] or None (masked loss)."""
+    step; loss_weight [B] per-sample loss factors; mask [B, 1, h, w] or None (masked loss);
+    share: which rows of the (multi-GPU) batch these are (all of it by default)."""
 
     latents: torch.Tensor
     context: Optional[torch.Tensor]
@@ -23,6 +47,11 @@ class Batch:
     loss_weight: torch.Tensor
     mask: Optional[torch.Tensor] = None
     captions: Optional[List[str]] = None
+    share: Optional[Share] = None
+
+    def __post_init__(self):
+        if self.share is None:
+            self.share = Share.whole(self.latents.shape[0])
 
 
 @dataclass

@@ -5,7 +5,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from . import flow, text
+from . import distributed, flow, text
 from .batches import Batch
 from .precision import autocast
 from .run import attached
@@ -21,9 +21,13 @@ def micro_step_loss(mmdit: torch.nn.Module, batch: Batch, state: TrainState, com
     device = x0.device
     # Noise and σ come from the session's own generator (on the CPU, so runs are reproducible
     # on any device and a continued session draws exactly what an uninterrupted one would).
-    noise = torch.randn(x0.shape, generator=state.generator, dtype=torch.float32).to(device, x0.dtype)
-    sigmas = flow.sample_sigmas(cfg.weighting_scheme, x0.shape[0], cfg.training_shift, cfg.logit_mean,
-                                cfg.logit_std, cfg.mode_scale, generator=state.generator, device=device)
+    # They are drawn for the whole batch and this process keeps its rows (batch.share): in a
+    # multi-GPU run every process draws alike, so a sample's noise does not depend on the split.
+    share = batch.share
+    noise = share.take(torch.randn((share.total, *x0.shape[1:]), generator=state.generator,
+                                   dtype=torch.float32)).to(device, x0.dtype)
+    sigmas = share.take(flow.sample_sigmas(cfg.weighting_scheme, share.total, cfg.training_shift, cfg.logit_mean,
+                                           cfg.logit_std, cfg.mode_scale, generator=state.generator, device=device))
     x_sigma = flow.add_noise(x0, noise, sigmas)
     with autocast(cfg.mixed_precision, device):
         velocity = mmdit(x_sigma.to(compute_dtype), (sigmas * 1000).to(compute_dtype),
@@ -49,16 +53,20 @@ def training_step(mmdit: torch.nn.Module, data, state: TrainState, compute_dtype
             batch.context, batch.pooled = encode_text(batch.captions)
         batch.context, batch.pooled = text.drop_encoders(
             batch.context, batch.pooled, (cfg.clip_l_dropout_rate, cfg.clip_g_dropout_rate, cfg.t5_dropout_rate),
-            state.generator)
+            state.generator, batch.share)
         loss = micro_step_loss(mmdit, batch, state, compute_dtype)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {state.step + 1}; "
                                      f"lower learning_rate or use mixed_precision 'no'")
-        scaled = loss / accum  # gradients of the micro-batches add up to the mean's
+        # This process's part of the batch mean (weight 1 in one process), then of the micro-batches'.
+        scaled = loss * batch.share.weight / accum
         (state.scaler.scale(scaled) if state.scaler else scaled).backward()
-        total += loss.item()  # one host sync per micro-batch, needed for the history anyway
+        total += loss.item() * batch.share.weight  # one host sync per micro-batch, needed for the history anyway
 
     params = [p for g in state.optimizer.param_groups for p in g["params"]]
+    # Several processes: sum their gradients (and losses), so every process takes the same step.
+    distributed.sync_gradients(params)
+    total = distributed.sum_over_ranks(total)
     if state.scaler:
         state.scaler.unscale_(state.optimizer)  # clip the true gradients, not the scaled ones
     if cfg.max_grad_norm > 0:
@@ -70,6 +78,7 @@ def training_step(mmdit: torch.nn.Module, data, state: TrainState, compute_dtype
         state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)  # frees the gradients' memory between steps
+    distributed.sync_generator(state.generator)  # LoRA dropouts draw per process; realign them
     state.step += 1
     state.losses.append(total / accum)
     return total / accum

@@ -54,16 +54,19 @@ def zero_padded_rows(context: torch.Tensor, masks: dict, apply_lg: bool, apply_t
 
 
 def drop_encoders(context: torch.Tensor, pooled: torch.Tensor, rates: Sequence[float],
-                  generator: Optional[torch.Generator]) -> tuple:
+                  generator: Optional[torch.Generator], share=None) -> tuple:
     """Per sample, drop each encoder's output with its rate (clip_l, clip_g, t5 dropout), as
     sd-scripts does for cached outputs: the encoder's channels/rows and pooled part become zero.
 
+    ``share`` (a batches.Share): the draws are made for the whole multi-GPU batch and this
+    process keeps its rows, so a sample is dropped alike however the batch is split.
     Returns new (context, pooled); the inputs are not modified.
     """
     if not any(rates):
         return context, pooled
     context, pooled = context.clone(), pooled.clone()
-    draws = torch.rand((context.shape[0], 3), generator=generator)
+    draws = torch.rand((share.total if share else context.shape[0], 3), generator=generator)
+    draws = share.take(draws) if share else draws
     for i in range(context.shape[0]):
         if draws[i, 0] < rates[0]:
             context[i, :CLIP_ROWS, CLIP_L] = 0
