@@ -7,6 +7,7 @@ import re
 
 import folder_paths
 
+from ..trainer.atomic_files import write_text
 from ..trainer.diffusers_format import kohya_to_diffusers
 from ..trainer.lora_file import SAVE_DTYPES, build_metadata, save_lora
 from .common import CATEGORY, LORA
@@ -52,7 +53,6 @@ class SD3LoraSave:
         if diffusers_export:
             save_lora(os.path.join(folder, name + ".diffusers.safetensors"), kohya_to_diffusers(lora.tensors),
                       metadata, SAVE_DTYPES[save_precision])
-        with open(os.path.join(folder, name + ".loss.json"), "w", encoding="utf-8") as f:
-            json.dump({"step": lora.step, "loss": lora.losses}, f)
+        write_text(os.path.join(folder, name + ".loss.json"), json.dumps({"step": lora.step, "loss": lora.losses}))
         write_workflow_json(os.path.join(folder, name), extra_pnginfo)  # the workflow that trained it
         return {"ui": {"text": [path]}, "result": (path,)}

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import safetensors.torch
 import torch
 
+from .atomic_files import staged
 from .config import TrainConfig
 from .lora_targets import TYPE_DIM_NAMES
 from .state import TrainState, build_network, build_text_networks, new_train_state
@@ -87,20 +88,19 @@ def state_dict(state: TrainState, info: dict) -> dict:
 def save_state(stem: str | os.PathLike, ckpt: dict) -> Path:
     """Write ``<stem>.safetensors`` (tensors) and ``<stem>.json`` (the rest); returns the json path.
 
-    Each file is written to a temporary name first, so a crash never leaves half a state.
+    Both files are written whole before either replaces an older state (:mod:`atomic_files`).
     """
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{LORA}/{k}": v.contiguous() for k, v in ckpt[LORA].items()}
     tensors.update({f"{OPTIMIZER}/{k}": v.contiguous() for k, v in ckpt[OPTIMIZER]["tensors"].items()})
     tensors[RNG] = ckpt[RNG].contiguous()
     rest = {k: v for k, v in ckpt.items() if k not in _TENSOR_SECTIONS}
     rest[OPTIMIZER] = {k: v for k, v in ckpt[OPTIMIZER].items() if k != "tensors"}
+    text = json.dumps(rest)  # before any file is touched
     paths = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
-    safetensors.torch.save_file(tensors, str(paths[0]) + ".tmp")
-    paths[1].with_name(paths[1].name + ".tmp").write_text(json.dumps(rest), encoding="utf-8")
-    for path in paths:
-        os.replace(str(path) + ".tmp", path)
+    with staged(paths) as (tensor_temp, json_temp):
+        safetensors.torch.save_file(tensors, str(tensor_temp))
+        json_temp.write_text(text, encoding="utf-8")
     return paths[1]
 
 
