@@ -1,5 +1,5 @@
 """Files are written whole or not at all, with the host's file mode; leftovers of killed writes go,
-and a failed write is named with the fix."""
+and a failed or damaged file is named with the fix."""
 import json
 import os
 import resource
@@ -10,8 +10,11 @@ import sys
 import pytest
 import torch
 
-from sd3_lora_trainer.trainer import atomic_files
+from sd3_lora_trainer.trainer import atomic_files, checkpoint
+from sd3_lora_trainer.trainer.config import TrainConfig
 from sd3_lora_trainer.trainer.lora_file import save_lora
+from sd3_lora_trainer.trainer.state import build_network, new_train_state
+from tiny_mmdit import tiny_mmdit
 
 
 def dead_pid() -> int:
@@ -28,13 +31,20 @@ def plain_file_mode(tmp_path) -> int:
     return probe.stat().st_mode & 0o777
 
 
+def a_state():
+    cfg = TrainConfig(network_dim=2).validate()
+    return checkpoint.state_dict(new_train_state(cfg, build_network(tiny_mmdit(), cfg)), {"variant": "medium"})
+
+
 def test_saved_files_get_the_plain_file_mode_and_leave_nothing_else(tmp_path):
     lora = save_lora(tmp_path / "a.safetensors", {"x": torch.ones(3)}, {"k": "v"})
+    state = checkpoint.save_state(tmp_path / "s", a_state())
     text = atomic_files.write_text(tmp_path / "a.loss.json", "{}")
     mode = plain_file_mode(tmp_path)
-    for path in (lora, text):
+    for path in (lora, state, state.with_suffix(".safetensors"), text):
         assert path.stat().st_mode & 0o777 == mode, (path, oct(path.stat().st_mode))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.loss.json", "a.safetensors", "probe.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.loss.json", "a.safetensors", "probe.txt",
+                                                          "s.json", "s.safetensors"]
 
 
 def test_leftovers_of_killed_writes_are_removed_at_the_next_save_and_live_ones_kept(tmp_path):
@@ -72,5 +82,30 @@ def test_a_failed_write_names_the_file_and_fix_and_keeps_the_old_file(tmp_path, 
     target.write_bytes(b"old")
     with pytest.raises(OSError, match=r"cannot write .*big.safetensors: .*Free disk space there or make .* writable"):
         save_lora(target, {"x": torch.zeros(100_000)}, {})
+    with pytest.raises(OSError, match=r"cannot write .*state.safetensors"):
+        checkpoint.save_state(tmp_path / "state", dict(a_state(), lora={"big": torch.zeros(100_000)}))
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.safetensors"]
+
+
+def test_damaged_or_mixed_state_files_are_named(tmp_path):
+    stem = tmp_path / "s"
+    checkpoint.save_state(stem, a_state())
+    tensors, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    whole = tensors.read_bytes()
+    tensors.write_bytes(whole[:-100])
+    for check in (checkpoint.check_state_files, checkpoint.load_state):
+        with pytest.raises(ValueError, match=r"s.safetensors is damaged .* Resume from another state"):
+            check(stem)
+    tensors.write_bytes(whole)
+    meta_text = meta.read_text()
+    meta.write_text(meta_text[: len(meta_text) // 2])
+    with pytest.raises(ValueError, match=r"s.json is damaged"):
+        checkpoint.check_state_files(stem)
+    # The json of one save with the tensors of another (a crash between the two renames).
+    checkpoint.save_state(tmp_path / "t", a_state())
+    meta.write_text(meta_text)
+    tensors.write_bytes((tmp_path / "t.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=r"s.safetensors and its .json are from different saves"):
+        checkpoint.load_state(stem)
+    assert json.loads(meta_text)[checkpoint.PROGRESS]["step"] == 0
