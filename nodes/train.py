@@ -16,13 +16,28 @@ from ..trainer.loop import train
 from ..trainer.precision import precision_warning
 from ..trainer.prepare import check_fp8_base, freeze_base_model, model_signature
 from ..trainer.state import build_network, build_text_networks, new_train_state
-from . import host
+from . import checks, host
 from .common import CATEGORY, DATASET, LORA, LOSS_MAP, SAMPLING, SAVE_EVERY, SETTINGS, TRAIN_STATE
 from .save_every import save_if_due
 from .state_nodes import get_or_resume
 from .train_extras import RunExtras
 
 log = logging.getLogger(__name__)
+
+
+def refuse_if_followers_cannot_run(prompt, unique_id) -> None:
+    """Refuse to train when a node of this pack after the train node would refuse its inputs.
+
+    The host runs a prompt's valid outputs even when another output node is invalid, so a bad
+    Save name next to a preview would train (for the preview) and never save: the steps would be
+    lost, and a re-queue with a fixed name would train further instead of saving this run.
+    """
+    from . import NODE_CLASS_MAPPINGS  # the package's, complete once a node runs
+
+    problems = checks.downstream_problems(prompt, unique_id, NODE_CLASS_MAPPINGS)
+    if problems:
+        raise ValueError("not training, because a node after this one would not run: " + "; ".join(problems)
+                         + ". Fix it and queue again")
 
 
 class SD3LoraTrain:
@@ -66,6 +81,7 @@ class SD3LoraTrain:
 
     def run(self, model, clip, vae, dataset, settings, steps, sampling=None, resume=None, save_every=None,
             unique_id=None, prompt=None, extra_pnginfo=None):
+        refuse_if_followers_cannot_run(prompt, unique_id)
         mmdit = host.require_sd3(model)
         host.check_resolution(mmdit, dataset.resolution)
         check_fp8_base(mmdit, settings.fp8_base)

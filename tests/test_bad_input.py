@@ -1,0 +1,87 @@
+"""Bad input in-process, through the real host's node classes: each is refused with the setting or
+file and the fix (most of them by the node's VALIDATE_INPUTS, at queue time), or handled as a user
+expects (bad image files skipped at scan time and counted, 16-bit images scaled, BOMs dropped).
+tests/test_bad_input_server.py drives the same kinds of mistakes through a real server."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import sd3_fixtures
+from train_settings import SETTINGS, settings
+
+
+def refusal(N, node: str, **inputs) -> str:
+    """What the node's VALIDATE_INPUTS says about ``inputs`` (asserting it refuses them)."""
+    result = N[node].VALIDATE_INPUTS(**inputs)
+    assert isinstance(result, str), f"{node} accepted {inputs}"
+    return result
+
+
+@pytest.fixture
+def images(tmp_path):
+    """A folder with two good captioned images."""
+    return sd3_fixtures.write_dataset(tmp_path / "imgs", n=2, seed=1)
+
+
+# --- names: nothing is written outside ComfyUI's folders --------------------------------------------
+
+@pytest.mark.parametrize("node, key, extra", [
+    ("SD3LoraSave", "output_name", {"save_to": "loras"}),
+    ("SD3LoraSaveEvery", "output_name", {"save_to": "output"}),
+    ("SD3LoraSaveState", "state_name", {}),
+    ("SD3LoraResume", "state_name", {"if_missing": "start new session"}),
+])
+@pytest.mark.parametrize("name, message", [
+    ("../../../x", "is a path: give a plain name"),
+    ("/tmp/escape", "is a path: give a plain name"),
+    ("~/x", "is a path"),
+    (".hidden", "is not a plain file name"),
+    ("a" * 300, "bytes long; file names here may have at most 200"),
+    ("", "is empty: name the file"),
+])
+def test_every_writer_takes_only_plain_names(N, node, key, extra, name, message):
+    assert message in refusal(N, node, **{key: name}, **extra)
+    assert key in refusal(N, node, **{key: name}, **extra)
+    assert N[node].VALIDATE_INPUTS(**{key: "fine name-1.v2"}, **extra) is True
+
+
+def test_linked_names_pass_at_queue_time_and_are_checked_when_run(N):
+    assert N["SD3LoraSave"].VALIDATE_INPUTS(output_name=None, save_to="loras") is True  # a link: value unknown yet
+    with pytest.raises(ValueError, match="output_name '../x' is a path"):
+        N["SD3LoraSaveEvery"]().build(output_name="../x", save_every_n_steps=1, save_last_n_steps=0,
+                                      save_to="loras", save_precision="fp16")
+
+
+def test_sample_filename_prefix_stays_in_the_output_folder(N):
+    base = dict(sample_prompts="a cat --s 2")
+    assert "is an absolute path" in refusal(N, "SD3LoraSampling", filename_prefix="/tmp/x", **base)
+    assert "'..' is not a plain name" in refusal(N, "SD3LoraSampling", filename_prefix="../../x", **base)
+    assert N["SD3LoraSampling"].VALIDATE_INPUTS(filename_prefix="samples/run_%date%", **base) is True
+
+
+def test_a_name_ending_in_safetensors_is_not_doubled(N, pack, base_dir):
+    lora = pack.trainer.session.LoraSnapshot(
+        tensors={"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, config=pack.trainer.config.TrainConfig(),
+        info={"variant": "medium", "resolution": 64, "num_images": 1}, step=1, losses=[1.0])
+    path = N["SD3LoraSave"]().save(lora, "doubled.safetensors", "output", "float")["result"][0]
+    assert path.endswith(os.sep + "doubled.safetensors") and os.path.isfile(path)
+
+
+# --- a bad node after the train node stops it before the first step ---------------------------------
+
+def test_train_node_refuses_when_a_later_node_would_not_run(N, pack, loaded, dataset_dir):
+    prompt = {"5": {"class_type": "SD3LoraTrain", "inputs": {"steps": 1}},
+              "7": {"class_type": "SD3LoraSave", "inputs": {"lora": ["5", 1], "output_name": "../../up",
+                                                             "save_to": "loras", "save_precision": "fp16"}},
+              "8": {"class_type": "SaveImage", "inputs": {"images": ["5", 4], "filename_prefix": "x"}}}
+    model, clip, vae = loaded
+    with torch.inference_mode():
+        dataset = N["SD3LoraImageFolder"]().load(str(dataset_dir), 64, ".txt")[0]
+        with pytest.raises(ValueError, match=r"not training, because a node after this one would not run: node 7 "
+                                             r"\(SD3LoraSave\): output_name '../../up' is a path"):
+            N["SD3LoraTrain"]().run(model, clip, vae, dataset, settings(N), 1, unique_id="5", prompt=prompt)
+    assert pack.trainer.session.current("node:5") is None  # nothing was trained or encoded
