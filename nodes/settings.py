@@ -4,6 +4,8 @@ from __future__ import annotations
 from ..trainer.config import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, TrainConfig
 from ..trainer.flow import HUBER_SCHEDULES, LOSS_TYPES, WEIGHTING_SCHEMES
 from ..trainer.lora_targets import TYPE_DIM_NAMES
+from ..trainer.optim import check_optimizer_args
+from . import checks
 from .common import ADVANCED, CATEGORY, NETWORK_ARGS, OPTIMIZER, SETTINGS
 
 _D = TrainConfig()  # defaults come from the trainer, defined once
@@ -49,6 +51,12 @@ class SD3LoraSettings:
     FUNCTION = "build"
     CATEGORY = CATEGORY
     DESCRIPTION = "LoRA and training options with sd-scripts' names."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, network_alpha, learning_rate, logit_mean, logit_std, mode_scale, training_shift,
+                        max_grad_norm):
+        # The host lets NaN through every FLOAT widget; refuse it (and out-of-range values) at queue time.
+        return checks.report(cls, locals())
 
     def build(self, network_args=None, optimizer=None, advanced=None, **kwargs):
         for group in (network_args, optimizer, advanced):
@@ -122,6 +130,12 @@ class SD3LoraOptimizer:
     FUNCTION = "build"
     CATEGORY = CATEGORY
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, optimizer_type, optimizer_args, lr_scheduler_power):
+        # Wrong keys or types in optimizer_args are refused here, not at the first step.
+        return checks.report(cls, locals(), lambda: optimizer_type is None or optimizer_args is None
+                             or check_optimizer_args(optimizer_type, optimizer_args))
+
     def build(self, **kwargs):
         return (kwargs,)
 
@@ -168,6 +182,11 @@ class SD3LoraAdvanced:
     RETURN_NAMES = ("advanced",)
     FUNCTION = "build"
     CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, huber_c, huber_scale, clip_l_dropout_rate, clip_g_dropout_rate, t5_dropout_rate,
+                        pos_emb_random_crop_rate):
+        return checks.report(cls, locals())
 
     def build(self, **kwargs):
         return (kwargs,)

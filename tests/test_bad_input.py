@@ -71,6 +71,35 @@ def test_a_name_ending_in_safetensors_is_not_doubled(N, pack, base_dir):
     assert path.endswith(os.sep + "doubled.safetensors") and os.path.isfile(path)
 
 
+# --- settings --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["max_grad_norm", "logit_mean", "mode_scale", "learning_rate"])
+def test_nan_and_inf_are_refused_by_name(N, pack, key):
+    floats = {k: SETTINGS[k] for k in ("network_alpha", "learning_rate", "logit_mean", "logit_std", "mode_scale",
+                                       "training_shift", "max_grad_norm")}
+    for bad in (float("nan"), float("inf")):
+        assert refusal(N, "SD3LoraSettings", **dict(floats, **{key: bad})).startswith(f"{key} is {bad}: set a finite")
+        with pytest.raises(ValueError, match=f"{key} is {bad}: set a finite number"):
+            pack.trainer.config.TrainConfig(**{key: bad}).validate()
+    # Naming an input in VALIDATE_INPUTS turns the host's range check off for it: ours does it instead.
+    assert "learning_rate 5.0 is above its maximum 1.0" in refusal(N, "SD3LoraSettings",
+                                                                    **dict(floats, learning_rate=5.0))
+
+
+@pytest.mark.parametrize("optimizer_type, args, message", [
+    ("AdamW", "weight_decay=abc", "weight_decay='abc' must be a number"),
+    ("AdamW", "betas=(0.9)", "betas=0.9 must be a tuple of 2 numbers"),
+    ("AdamW", "no_such=1", "AdamW has no argument 'no_such'"),
+    ("Lion", "betas=(1.5,0.9)", "Lion refused them"),
+    ("AdamW", "lr=1", "lr is set by the trainer"),
+])
+def test_optimizer_args_are_checked_against_the_optimizer(N, optimizer_type, args, message):
+    assert message in refusal(N, "SD3LoraOptimizer", optimizer_type=optimizer_type, optimizer_args=args,
+                              lr_scheduler_power=1.0)
+    assert N["SD3LoraOptimizer"].VALIDATE_INPUTS(optimizer_type=optimizer_type, optimizer_args="weight_decay=0.1",
+                                                 lr_scheduler_power=1.0) is True
+
+
 # --- a bad node after the train node stops it before the first step ---------------------------------
 
 def test_train_node_refuses_when_a_later_node_would_not_run(N, pack, loaded, dataset_dir):
