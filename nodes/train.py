@@ -159,6 +159,8 @@ class SD3LoraTrain:
                     variant=detect_variant(mmdit),
                     num_batches_per_epoch=data.num_batches(settings.train_batch_size),
                     data_note=f"{stats}" + "".join(f"; skipped {s}" for s in stats.skipped),
+                    # files that could not be decoded now count with those the dataset node skipped
+                    num_skipped_images=len(dataset.skipped) + len(stats.skipped),
                     started_at=time.time(),
                     session_id=uuid.uuid4().int % 2**31)
         return sessions.Session(key=key, fingerprint=fingerprint, state=new_train_state(settings, network, text_networks),

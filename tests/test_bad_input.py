@@ -11,6 +11,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import sd3_fixtures
+from sd3_lora_trainer.trainer.config import TrainConfig
+from sd3_lora_trainer.trainer.lora_file import build_metadata
 from train_settings import SETTINGS, settings
 
 
@@ -114,3 +116,92 @@ def test_train_node_refuses_when_a_later_node_would_not_run(N, pack, loaded, dat
                                              r"\(SD3LoraSave\): output_name '../../up' is a path"):
             N["SD3LoraTrain"]().run(model, clip, vae, dataset, settings(N), 1, unique_id="5", prompt=prompt)
     assert pack.trainer.session.current("node:5") is None  # nothing was trained or encoded
+
+
+# --- image files: skipped at scan time and counted, or read as meant --------------------------------
+
+def test_damaged_linked_tiny_and_huge_files_are_skipped_when_scanned_and_counted(N, images):
+    good = images / "img_000.png"
+    Image.new("RGB", (256, 256), (200, 10, 10)).save(images / "cut.jpg", quality=95)
+    data = (images / "cut.jpg").read_bytes()
+    (images / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (images / "gone.png").symlink_to(images / "no_such_file.png")
+    Image.new("RGB", (1, 1)).save(images / "dot.png")
+    with torch.inference_mode():
+        dataset, summary = N["SD3LoraImageFolder"]().load(str(images), 64, ".txt", max_megapixels=1)
+    assert [os.path.basename(s.path) for s in dataset.samples] == ["img_000.png", "img_001.jpg"]
+    assert "2 images (2 per epoch" in summary and "3 file(s) skipped" in summary
+    assert "cut.jpg: image file is truncated" in summary and "(the file is damaged or cut short)" in summary
+    assert "gone.png: a link to a file that does not exist" in summary
+    assert "dot.png is 1x1 px, under 16 px on a side" in summary
+    info = dataset.metadata_info()
+    assert info["num_images"] == 2 and info["num_skipped_images"] == 3
+    meta = build_metadata(TrainConfig(), dict(info, variant="medium"), 1, "x")
+    assert (meta["ss_num_train_images"], meta["ss_num_skipped_images"]) == ("2", "3")
+    assert good.exists()
+    Image.new("RGB", (1100, 1000)).save(images / "big.png")
+    with torch.inference_mode():
+        summary = N["SD3LoraImageFolder"]().load(str(images), 64, ".txt", max_megapixels=1)[1]
+    assert "big.png is 1100x1000 = 1 Mpx, above the 1 Mpx limit (max_megapixels)" in summary
+
+
+def test_sixteen_bit_grey_png_trains_as_its_grey_not_white(N, tmp_path):
+    folder = tmp_path / "grey16"
+    folder.mkdir()
+    Image.fromarray(np.full((64, 64), 32768, dtype=np.uint16)).save(folder / "grey.png")
+    assert Image.open(folder / "grey.png").mode.startswith("I")
+    with torch.inference_mode():
+        dataset = N["SD3LoraImageFolder"]().load(str(folder), 64, ".txt")[0]
+    assert abs(dataset.samples[0].image.mean().item() - 0.5) < 0.01
+
+
+def test_caption_bom_extension_without_dot_and_empty_caption(N, images):
+    (images / "img_000.txt").write_bytes("\ufeffred square, bright".encode("utf-8"))
+    (images / "img_001.txt").write_text("   \n")
+    with torch.inference_mode():
+        dataset, summary = N["SD3LoraImageFolder"]().load(str(images), 64, "txt")
+    by_name = {os.path.basename(s.path): s.caption for s in dataset.samples}
+    assert by_name == {"img_000.png": "red square, bright", "img_001.jpg": ""}
+    assert "red square" in dataset.tag_frequency()["imgs"]
+    assert "1 image(s) in" in summary and "have no or an empty .txt caption" in summary and "img_001.jpg" in summary
+
+
+def test_dataset_folder_caption_extension_and_cache_dir_are_checked_at_queue_time(N, images, tmp_path):
+    base = dict(folder=str(images), resolution=64, caption_extension=".txt")
+    assert N["SD3LoraImageFolder"].VALIDATE_INPUTS(**base) is True
+    assert "image folder not found" in refusal(N, "SD3LoraImageFolder", **dict(base, folder=str(tmp_path / "no")))
+    assert "caption_extension 'a/b' is not a file ending" in refusal(
+        N, "SD3LoraImageFolder", **dict(base, caption_extension="a/b"))
+    (tmp_path / "a_file").write_text("x")
+    assert "cache_dir" in refusal(N, "SD3LoraImageFolder", **dict(base, cache_dir=str(tmp_path / "a_file")))
+    assert "is a file: name a folder" in refusal(N, "SD3LoraImageFolder",
+                                                 **dict(base, cache_dir=str(tmp_path / "a_file")))
+    assert "min_bucket_reso (256) must be at most the resolution" in refusal(
+        N, "SD3LoraImageFolder", **dict(base, enable_bucket=True, min_bucket_reso=256, max_bucket_reso=1024,
+                                        bucket_reso_steps=64))
+
+
+@pytest.mark.parametrize("toml, message", [
+    ('[general]\nresolution = 64\n[[datasets]]\n[datasets.subsets]\nimage_dir = "imgs"\n',
+     "line 4: [datasets.subsets] in [[datasets]] #1 (single brackets) is one table; write [[datasets.subsets]]"),
+    ('[[general]]\nresolution = 64\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "imgs"\n',
+     "line 1: [[general]] (double brackets) makes a list; there is one general table: write [general]"),
+    ('[general]\nresolution = 64\n[[datasets]]\nsubsets = "x"\n',
+     "line 4: 'subsets' in [[datasets]] #1 must be [[datasets.subsets]] tables (got 'x')"),
+    ('[datasets]\nresolution = 64\n', "line 1: [datasets] (single brackets) is one table; write [[datasets]]"),
+    ('[general]\nresolution = 64\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "missing"\n',
+     "image_dir not found"),
+])
+def test_dataset_toml_structure_mistakes_are_named(N, images, toml, message):
+    path = images.parent / "d.toml"
+    path.write_text(toml)
+    assert message in refusal(N, "SD3LoraDatasetConfig", toml_path=str(path))
+    with pytest.raises(ValueError, match="d.toml"):
+        N["SD3LoraDatasetConfig"]().load(str(path))
+
+
+def test_a_toml_with_a_bom_reads(N, images):
+    path = images.parent / "bom.toml"
+    path.write_bytes('\ufeff[general]\nresolution = 64\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "imgs"\n'
+                     .encode("utf-8"))
+    assert N["SD3LoraDatasetConfig"].VALIDATE_INPUTS(toml_path=str(path)) is True

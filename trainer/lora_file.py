@@ -64,6 +64,8 @@ def build_metadata(config: TrainConfig, info: dict, step: int, output_name: str)
         "ss_network_train_unet_only": "True",
         "ss_num_train_images": str(info["num_images"]),
         "ss_num_reg_images": str(info.get("num_reg_images", 0)),
+        # Not an sd-scripts key: files of the dataset folders that were left out (unreadable, cut short...).
+        "ss_num_skipped_images": str(info.get("num_skipped_images", 0)),
         "ss_num_batches_per_epoch": str(info.get("num_batches_per_epoch",
                                                  -(-info["num_images"] // config.train_batch_size))),
         "ss_num_epochs": str(-(-step * config.train_batch_size // max(1, info["num_images"]))),
