@@ -16,7 +16,7 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from ..trainer.sample_prompts import SamplePrompt, parse_prompts
+from ..trainer.sample_prompts import SamplePrompt, check_size, parse_prompts
 from . import checks, host
 from .common import CATEGORY, SAMPLING
 from .names import filename_prefix as checked_prefix
@@ -87,6 +87,14 @@ def _prompts(text: str) -> List[SamplePrompt]:
     if not prompts:
         raise ValueError("sample_prompts is empty: write at least one prompt line, e.g. 'a photo of sks --s 20'")
     return prompts
+
+
+def check_sample_sizes(options: Optional[SamplingOptions], resolution: int, max_side: Optional[int]) -> None:
+    """Before training: every sample, with 0 sizes filled in by ``resolution``, fits the model's
+    position table (``max_side`` px) and the area limit."""
+    for no, p in enumerate(options.prompts if options is not None else (), start=1):
+        check_size(dataclasses.replace(p, width=p.width or resolution, height=p.height or resolution),
+                   f"prompt {no}", max_side)
 
 
 class SampleRunner:

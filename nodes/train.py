@@ -18,6 +18,7 @@ from ..trainer.prepare import check_fp8_base, freeze_base_model, model_signature
 from ..trainer.state import build_network, build_text_networks, new_train_state
 from . import checks, host
 from .common import CATEGORY, DATASET, LORA, LOSS_MAP, SAMPLING, SAVE_EVERY, SETTINGS, TRAIN_STATE
+from .samples import check_sample_sizes
 from .save_every import save_if_due
 from .state_nodes import get_or_resume
 from .train_extras import RunExtras
@@ -84,6 +85,7 @@ class SD3LoraTrain:
         refuse_if_followers_cannot_run(prompt, unique_id)
         mmdit = host.require_sd3(model)
         host.check_resolution(mmdit, dataset.resolution)
+        check_sample_sizes(sampling, dataset.resolution, host.max_image_side(mmdit))
         check_fp8_base(mmdit, settings.fp8_base)
         host.check_compile_attention(settings)
         key = f"node:{unique_id}"

@@ -205,3 +205,20 @@ def test_a_toml_with_a_bom_reads(N, images):
     path.write_bytes('\ufeff[general]\nresolution = 64\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "imgs"\n'
                      .encode("utf-8"))
     assert N["SD3LoraDatasetConfig"].VALIDATE_INPUTS(toml_path=str(path)) is True
+
+
+# --- samples ----------------------------------------------------------------------------------------
+
+def test_sample_sizes_are_bounded_at_queue_time_and_by_the_model(N, loaded, dataset_dir):
+    base = dict(filename_prefix="s")
+    message = refusal(N, "SD3LoraSampling", sample_prompts="cat --w 100000 --h 100000", **base)
+    assert "width 100000 (--w) is too large: the limit is 8192 px" in message
+    assert "above the 16 Mpx limit for samples" in refusal(N, "SD3LoraSampling",
+                                                           sample_prompts="cat --w 8192 --h 4096", **base)
+    sampling = N["SD3LoraSampling"]().build("cat --w 2048 --h 64 --s 1", 0, False, "euler", "sgm_uniform", "s")[0]
+    model, clip, vae = loaded
+    with torch.inference_mode():
+        dataset = N["SD3LoraImageFolder"]().load(str(dataset_dir), 64, ".txt")[0]
+        with pytest.raises(ValueError, match=r"prompt 1: width 2048 \(--w\) is too large: this model's position "
+                                             r"table covers 1024 px"):
+            N["SD3LoraTrain"]().run(model, clip, vae, dataset, settings(N), 1, sampling=sampling, unique_id="big")
