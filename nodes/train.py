@@ -155,8 +155,8 @@ class SD3LoraTrain:
         if text_networks and dataset.cache.text != "none":
             raise ValueError("network_train_unet_only is off, so the text encoders are trained and their outputs "
                              "change every step: set the dataset's cache_text_encoder_outputs to none")
+        network = build_network(mmdit, settings)  # before encoding: a network_weights misfit costs nothing
         data, stats = host.encode_dataset(model, clip, vae, dataset, settings)
-        network = build_network(mmdit, settings)
         info = dict(dataset.metadata_info(),
                     variant=detect_variant(mmdit),
                     num_batches_per_epoch=data.num_batches(settings.train_batch_size),

@@ -73,6 +73,21 @@ def test_a_name_ending_in_safetensors_is_not_doubled(N, pack, base_dir):
     assert path.endswith(os.sep + "doubled.safetensors") and os.path.isfile(path)
 
 
+def test_relative_network_weights_are_in_models_loras(N, base_dir):
+    (base_dir / "models" / "loras" / "start_from.safetensors").write_bytes(b"")
+    args = N["SD3LoraNetworkArgs"]().build(**_network_args(network_weights="start_from"))[0]
+    assert args["network_weights"] == str(base_dir / "models" / "loras" / "start_from.safetensors")
+
+
+def _network_args(**kw):
+    dims = {n: -1 for n in ("context_attn_dim", "context_mlp_dim", "context_mod_dim", "x_attn_dim", "x_mlp_dim",
+                            "x_mod_dim")}
+    return dict(dims, **dict(dict(emb_dims="", train_block_indices="all", split_qkv=False, network_dropout=0.0,
+                                  rank_dropout=0.0, module_dropout=0.0, loraplus_lr_ratio=0.0, network_weights="",
+                                  verbose=False, network_train_unet_only=True, train_t5xxl=False,
+                                  text_encoder_lr=""), **kw))
+
+
 # --- settings --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key", ["max_grad_norm", "logit_mean", "mode_scale", "learning_rate"])
@@ -100,6 +115,29 @@ def test_optimizer_args_are_checked_against_the_optimizer(N, optimizer_type, arg
                               lr_scheduler_power=1.0)
     assert N["SD3LoraOptimizer"].VALIDATE_INPUTS(optimizer_type=optimizer_type, optimizer_args="weight_decay=0.1",
                                                  lr_scheduler_power=1.0) is True
+
+
+def test_network_weights_of_another_rank_name_the_file_and_rank(N, loaded, dataset_dir, base_dir):
+    model, clip, vae = loaded
+    with torch.inference_mode():
+        dataset = N["SD3LoraImageFolder"]().load(str(dataset_dir), 64, ".txt")[0]
+        lora = N["SD3LoraTrain"]().run(model, clip, vae, dataset, settings(N, network_dim=4), 1,
+                                       unique_id="rank4")["result"][1]
+    save_file(lora.tensors, str(base_dir / "models" / "loras" / "rank4.safetensors"))
+    assert N["SD3LoraNetworkArgs"].VALIDATE_INPUTS(**_validate_args(network_weights="rank4")) is True
+    assert "file not found" in refusal(N, "SD3LoraNetworkArgs", **_validate_args(network_weights="nope"))
+    args = N["SD3LoraNetworkArgs"]().build(**_network_args(network_weights="rank4"))[0]
+    with pytest.raises(ValueError, match=r"network_weights .*rank4.safetensors: lora_unet_\w+ has rank 4 in the "
+                                         r"file, but these settings give it rank 8: set network_dim"):
+        with torch.inference_mode():
+            N["SD3LoraTrain"]().run(model, clip, vae, dataset, settings(N, network_dim=8, network_args=args), 1,
+                                    unique_id="rank8")
+
+
+def _validate_args(**kw):
+    keys = ("emb_dims", "train_block_indices", "network_dropout", "rank_dropout", "module_dropout",
+            "loraplus_lr_ratio", "network_weights", "text_encoder_lr")
+    return {k: v for k, v in _network_args(**kw).items() if k in keys}
 
 
 # --- a bad node after the train node stops it before the first step ---------------------------------
