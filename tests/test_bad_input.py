@@ -245,6 +245,14 @@ def test_a_toml_with_a_bom_reads(N, images):
     assert N["SD3LoraDatasetConfig"].VALIDATE_INPUTS(toml_path=str(path)) is True
 
 
+def test_pack_errors_reach_the_host_as_builtin_types(N, tmp_path):
+    """The host prints "<module>.<class>"; ours would read "/…/sd3_lora_trainer.trainer.data.DatasetError"."""
+    with pytest.raises(ValueError) as err:
+        N["SD3LoraImageFolder"]().load(str(tmp_path / "missing"), 64, ".txt")
+    assert type(err.value) is ValueError and "image folder not found" in str(err.value)
+    assert type(err.value.__cause__).__name__ == "DatasetError"  # the original, for the traceback
+
+
 # --- samples ----------------------------------------------------------------------------------------
 
 def test_sample_sizes_are_bounded_at_queue_time_and_by_the_model(N, loaded, dataset_dir):
