@@ -8,6 +8,7 @@ from typing import Callable, Optional, Tuple
 
 from ..trainer import checkpoint
 from ..trainer import session as sessions
+from ..trainer.periodic_save import newest_step_state
 from . import checks
 from .common import CATEGORY, LORA, TRAIN_STATE
 from .names import check_folder_writable, state_stem, states_folder
@@ -15,6 +16,19 @@ from .provenance import write_workflow_json
 
 log = logging.getLogger(__name__)
 MISSING_CHOICES = ("error", "start new session")
+
+
+def resume_stem(state_name: str) -> str:
+    """The state Resume reads for ``state_name``: of ``<name>`` and the periodic states
+    ``<name>-stepNNNNNNNN`` (Save Every with save_state), the one furthest on; on a tie ``<name>``.
+    So after a crash the same name continues from the newest periodic state."""
+    stem = state_stem(state_name)
+    newest = newest_step_state(states_folder(), os.path.basename(stem))
+    if newest is None:
+        return stem
+    if os.path.exists(stem + ".json") and checkpoint.read_state_json(stem)[checkpoint.PROGRESS]["step"] >= newest[0]:
+        return stem
+    return str(newest[1])
 
 
 class SD3LoraSaveState:
@@ -64,8 +78,9 @@ class SD3LoraResume:
     def INPUT_TYPES(cls):
         return {"required": {
             "state_name": ("STRING", {"default": "sd3_lora_state", "tooltip": "A state written by 'SD3 LoRA Save "
-                           "State' (or Save Every with save_state): its name under output/sd3_lora_states "
-                           "(--resume)."}),
+                           "State', or Save Every's output_name with save_state: its name under "
+                           "output/sd3_lora_states. Of <name> and the periodic <name>-stepNNNNNNNN states the one "
+                           "furthest on is read (--resume)."}),
             "if_missing": (list(MISSING_CHOICES), {"default": "error", "tooltip": "'start new session' lets one "
                            "workflow both start and continue a run: the first queue finds no state yet."}),
         }}
@@ -80,25 +95,22 @@ class SD3LoraResume:
     def VALIDATE_INPUTS(cls, state_name, if_missing):
         # At queue time: a missing or damaged state is named before anything runs.
         def state_files():
-            if state_name is None:
-                return None
-            stem = state_stem(state_name)
-            if if_missing == MISSING_CHOICES[1] and not os.path.exists(stem + ".json"):
-                return None
-            checkpoint.check_state_files(stem)
-            return None
-        return checks.report(cls, locals(), state_files)
+            stem = resume_stem(state_name)
+            if if_missing != MISSING_CHOICES[1] or os.path.exists(stem + ".json"):
+                checkpoint.check_state_files(stem)
+        return checks.report(cls, locals(), lambda: state_name is None or state_files())
 
     @classmethod
     def IS_CHANGED(cls, state_name, if_missing):
         # Re-read when the state on disk was rewritten (e.g. by Save State in the same workflow).
         try:
-            return os.path.getmtime(state_stem(state_name) + ".json")
+            stem = resume_stem(state_name)
+            return f"{stem}:{os.path.getmtime(stem + '.json')}"
         except (OSError, ValueError):
             return float("nan")
 
     def load(self, state_name, if_missing):
-        stem = state_stem(state_name)
+        stem = resume_stem(state_name)
         if if_missing == MISSING_CHOICES[1] and not os.path.exists(stem + ".json"):
             return (ResumeState(stem, None),)
         return (ResumeState(stem, checkpoint.load_state(stem)),)
