@@ -176,7 +176,7 @@ def scan_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[Tuple[
             if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated 90/270 degrees
                 w, h = h, w
     except _READ_ERRORS as e:
-        raise DatasetError(f"cannot read image {path}: not a readable image ({type(e).__name__}: {e})") from e
+        raise _unreadable(path, e) from e
     if w * h > max_pixels:
         raise DatasetError(f"{path} is {w}x{h} = {_mpx(w * h)} Mpx, above the {_mpx(max_pixels)} Mpx limit "
                            f"(max_megapixels); downscale it or raise max_megapixels")
@@ -186,8 +186,13 @@ def scan_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[Tuple[
     try:
         _check_decodes(path)
     except _READ_ERRORS as e:
-        raise DatasetError(f"cannot read image {path}: {e} (the file is damaged or cut short)") from e
+        raise _unreadable(path, e) from e
     return (w, h), hashlib.sha256(data).hexdigest()
+
+
+def _unreadable(path: Path, error: BaseException) -> DatasetError:
+    return DatasetError(f"cannot read image {path}: {error} ({type(error).__name__}: not an image, or damaged or "
+                        f"cut short); replace or remove the file")
 
 
 def _open_rgb(sample: ImageCaption) -> Tuple[Image.Image, Optional[Image.Image]]:
