@@ -137,6 +137,8 @@ class SD3LoraTrain:
                    f"{elapsed / max(done, 1):.2f} s/step); last loss {snap.losses[-1]:.4f}")
         if slow_dtype:
             summary = f"warning: {slow_dtype}\n{summary}"
+        # Files that stopped decoding since the dataset node scanned them: on the node, not only in the log.
+        summary += "".join(f"\nwarning: skipped when encoding: {s}" for s in session.info.get("skipped_when_encoding", ()))
         validation = session.info.get("validation_loss")
         if validation:
             summary += f"; validation loss {validation[-1][1]:.4f} at step {validation[-1][0]}"
@@ -161,6 +163,7 @@ class SD3LoraTrain:
                     variant=detect_variant(mmdit),
                     num_batches_per_epoch=data.num_batches(settings.train_batch_size),
                     data_note=f"{stats}" + "".join(f"; skipped {s}" for s in stats.skipped),
+                    skipped_when_encoding=list(stats.skipped),
                     # files that could not be decoded now count with those the dataset node skipped
                     num_skipped_images=len(dataset.skipped) + len(stats.skipped),
                     started_at=time.time(),

@@ -183,6 +183,18 @@ def test_damaged_linked_tiny_and_huge_files_are_skipped_when_scanned_and_counted
     assert "big.png is 1100x1000 = 1 Mpx, above the 1 Mpx limit (max_megapixels)" in summary
 
 
+def test_a_file_damaged_after_the_scan_is_skipped_when_encoded_and_named_on_the_train_node(N, loaded, images):
+    noise = np.random.default_rng(1313).integers(0, 255, (64, 64, 3), dtype=np.uint8)  # content no cache holds
+    Image.fromarray(noise).save(images / "late.png")
+    model, clip, vae = loaded
+    with torch.inference_mode():
+        dataset = N["SD3LoraImageFolder"]().load(str(images), 64, ".txt")[0]
+        (images / "late.png").write_bytes(b"overwritten after the scan")
+        out = N["SD3LoraTrain"]().run(model, clip, vae, dataset, settings(N), 1, unique_id="late")["result"]
+    assert "warning: skipped when encoding: cannot read image" in out[2] and "late.png" in out[2]
+    assert out[1].info["num_skipped_images"] == 1
+
+
 def test_sixteen_bit_grey_png_trains_as_its_grey_not_white(N, tmp_path):
     folder = tmp_path / "grey16"
     folder.mkdir()
