@@ -74,11 +74,16 @@ class SD3LoraSampling:
     def VALIDATE_INPUTS(cls, sample_prompts, filename_prefix):
         # At queue time: a bad prompt line must not surface only at the first sample of a run.
         return checks.report(cls, locals(), checks.given(sample_prompts, _prompts),
-                             checks.given(filename_prefix, checked_prefix))
+                             checks.given(filename_prefix, _filename_prefix))
 
     def build(self, sample_prompts, sample_every_n_steps, sample_at_first, sampler_name, scheduler, filename_prefix):
         return (SamplingOptions(tuple(_prompts(sample_prompts)), sample_every_n_steps, sample_at_first, sampler_name,
-                                scheduler, checked_prefix(filename_prefix.strip() or "sd3_lora_samples/sample")),)
+                                scheduler, _filename_prefix(filename_prefix)),)
+
+
+def _filename_prefix(value: str) -> str:
+    """The checked prefix of the sample PNGs inside ``output`` (empty: the default)."""
+    return checked_prefix(value.strip() or "sd3_lora_samples/sample")
 
 
 def _prompts(text: str) -> List[SamplePrompt]:

@@ -63,6 +63,7 @@ def test_sample_filename_prefix_stays_in_the_output_folder(N):
     assert "is an absolute path" in refusal(N, "SD3LoraSampling", filename_prefix="/tmp/x", **base)
     assert "'..' is not a plain name" in refusal(N, "SD3LoraSampling", filename_prefix="../../x", **base)
     assert N["SD3LoraSampling"].VALIDATE_INPUTS(filename_prefix="samples/run_%date%", **base) is True
+    assert N["SD3LoraSampling"].VALIDATE_INPUTS(filename_prefix=" ", **base) is True  # the default prefix
 
 
 def test_a_name_ending_in_safetensors_is_not_doubled(N, pack, base_dir):
