@@ -19,7 +19,7 @@ from conftest import install_checkpoint, make_base_dir
 from headless.client import queue_prompt
 
 pytestmark = pytest.mark.slow
-STEPS, EVERY = 16, 2
+STEPS, EVERY = 10, 2
 TEMP_PREFIX = ".sd3lora-tmp-"  # trainer/atomic_files.py
 
 
