@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List
@@ -43,6 +44,9 @@ class TrainingData:
     warnings: List[str] = field(default_factory=list)
 
     def __post_init__(self):
+        if not (math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0):
+            raise DatasetError(f"prior_loss_weight must be a finite number >= 0 (got {self.prior_loss_weight}); "
+                               f"1.0 weighs regularisation images like the others")
         self.skipped = [f for g in self.groups for f in g.skipped]  # also of datasets left with no images
         self.groups = [g for g in self.groups if g.samples]
         if not self.groups:
