@@ -121,8 +121,8 @@ def _flush(path: Path, mode: int, durable: bool) -> None:
 def write_error(path: Path, error: BaseException) -> OSError:
     """An OSError for a failed write that names the file, the reason and the fix."""
     reason = getattr(error, "strerror", None) or str(error)
-    return OSError(f"cannot write {path}: {reason}. Free disk space there or make {path.parent} writable, "
-                   f"then queue again (nothing was replaced)")
+    return OSError(f"cannot write {path}: {reason}. Free disk space there or make {path.parent} writable "
+                   f"(nothing was replaced: a previous file of that name is unchanged)")
 
 
 def _is_write_failure(error: BaseException) -> bool:
