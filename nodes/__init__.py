@@ -49,3 +49,8 @@ NODE_DISPLAY_NAME_MAPPINGS.update({
     "SD3LoraResume": "SD3 LoRA Resume",
 })
 live.register_routes()  # GET /sd3lora/history for the editor's chart; a no-op without a server
+
+# Errors on the node read "ValueError: ..." rather than this pack's module path (nodes/errors.py).
+from .errors import install as _plain_errors  # noqa: E402
+
+_plain_errors(NODE_CLASS_MAPPINGS)

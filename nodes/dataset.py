@@ -4,11 +4,12 @@ from __future__ import annotations
 import os
 
 from ..trainer.captions import CaptionOptions
-from ..trainer.data import DEFAULT_MAX_PIXELS, DatasetError, Subset, list_images
-from ..trainer.dataset import CACHE_MODES, DatasetOptions, build_group, folder_subsets, graph_samples
+from ..trainer.data import DEFAULT_MAX_PIXELS, DatasetError, Subset, caption_suffix, check_folder, list_images
+from ..trainer.dataset import (CACHE_MODES, DatasetOptions, build_group, empty_caption_warning, folder_subsets,
+                               graph_samples)
 from ..trainer.dataset_toml import parse_dataset_toml
 from ..trainer.training_data import CacheOptions, TrainingData
-from . import live
+from . import checks, live
 from .common import CATEGORY, DATASET
 
 _D = DatasetOptions()  # defaults come from the trainer, defined once
@@ -75,7 +76,27 @@ def is_toml(path: str) -> bool:
 
 def _options(resolution, kw) -> DatasetOptions:
     keys = set(BUCKET_INPUTS) | set(VALIDATION_INPUTS)
-    return DatasetOptions(resolution=(resolution, resolution), **{k: v for k, v in kw.items() if k in keys})
+    return DatasetOptions(resolution=(resolution, resolution),
+                          **{k: v for k, v in kw.items() if k in keys and v is not None})
+
+
+def _cache_options(kw) -> CacheOptions:
+    return CacheOptions(kw.get("cache_latents") or "memory", kw.get("cache_text_encoder_outputs") or "memory",
+                        resolve_folder(kw.get("cache_dir") or "")).validate()
+
+
+def _check_options(where: str, resolution, **kw) -> None:
+    """Queue-time check of the dataset and cache widgets a node has (None: linked or absent)."""
+    if resolution is not None:
+        _options(resolution, kw).validate(where)
+    _cache_options(kw)
+
+
+def _check_toml(path: str) -> None:
+    """Queue-time check of a dataset config: it parses, and every image_dir is a readable folder."""
+    for _, subsets in parse_dataset_toml(resolve_folder(path)):
+        for sub in subsets:
+            check_folder(sub.image_dir, "image_dir")
 
 
 HIDDEN = {"unique_id": "UNIQUE_ID"}  # the node's id, to show its summary on it in the editor
@@ -85,9 +106,7 @@ def _finish(groups, source: str, warnings: list, kw: dict):
     """The node's outputs: the TrainingData and its summary (counts, bucket table, warnings).
 
     A plain tuple, not {"ui": ...}: callers (and tests) index the result like every other node's."""
-    cache = CacheOptions(kw.get("cache_latents", "memory"), kw.get("cache_text_encoder_outputs", "memory"),
-                         resolve_folder(kw.get("cache_dir", "") or "")).validate()
-    data = TrainingData(groups, source, cache, kw.get("prior_loss_weight", 1.0),
+    data = TrainingData(groups, source, _cache_options(kw), kw.get("prior_loss_weight", 1.0),
                         kw.get("validate_every_n_steps", 0), warnings)
     summary = data.summary()
     if kw.get("unique_id") is not None:
@@ -96,13 +115,20 @@ def _finish(groups, source: str, warnings: list, kw: dict):
     return data, summary
 
 
+def _mtime(path) -> int:
+    """Modification time in ns; 0 for a file that went away or a link to nothing (skipped when loading)."""
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
 def _stamps(folders) -> str:
     """Names and modification times of every image and caption below ``folders``."""
     stamps = []
     for folder in folders:
         for p in list_images(folder):
-            stamps += [(str(p), p.stat().st_mtime_ns)] + [(str(c), c.stat().st_mtime_ns)
-                                                           for c in p.parent.glob(p.stem + ".*") if c != p]
+            stamps += [(str(p), _mtime(p))] + [(str(c), _mtime(c)) for c in p.parent.glob(p.stem + ".*") if c != p]
     return str(stamps)
 
 
@@ -131,6 +157,21 @@ class SD3LoraImageFolder(_DatasetNode):
         }, "hidden": dict(HIDDEN)}
 
     DESCRIPTION = "A training dataset from a folder of captioned images (kohya repeat folders supported)."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, folder, resolution, caption_extension, reg_folder=None, cache_dir=None,
+                        enable_bucket=None, min_bucket_reso=None, max_bucket_reso=None, bucket_reso_steps=None,
+                        validation_split=None, prior_loss_weight=None):
+        # At queue time: a missing folder, a TOML mistake or a bad setting costs no model loading.
+        buckets = dict(enable_bucket=enable_bucket, min_bucket_reso=min_bucket_reso, max_bucket_reso=max_bucket_reso,
+                       bucket_reso_steps=bucket_reso_steps, validation_split=validation_split)
+        return checks.report(
+            cls, locals(),
+            checks.given(folder, lambda f: _check_toml(f) if is_toml(f) else list_images(resolve_folder(f))),
+            checks.given(reg_folder, lambda f: f.strip() and list_images(resolve_folder(f))),
+            checks.given(caption_extension, caption_suffix),
+            lambda: _check_options("SD3LoraImageFolder", None if folder and is_toml(folder) else resolution,
+                                   cache_dir=cache_dir, **buckets))
 
     @classmethod
     def IS_CHANGED(cls, folder, resolution, caption_extension, reg_folder="", **kw):
@@ -172,6 +213,11 @@ class SD3LoraDatasetConfig(_DatasetNode):
     DESCRIPTION = "Datasets from an sd-scripts dataset TOML file (repeats, reg images, buckets, caption options)."
 
     @classmethod
+    def VALIDATE_INPUTS(cls, toml_path, cache_dir=None, prior_loss_weight=None):
+        return checks.report(cls, locals(), checks.given(toml_path, _check_toml),
+                             lambda: _check_options("SD3LoraDatasetConfig", None, cache_dir=cache_dir))
+
+    @classmethod
     def IS_CHANGED(cls, toml_path, **kw):
         try:
             path = resolve_folder(toml_path)
@@ -184,9 +230,23 @@ class SD3LoraDatasetConfig(_DatasetNode):
         path = resolve_folder(toml_path)
         warnings: list = []
         max_pixels = kw.get("max_megapixels", DEFAULT_MAX_PIXELS // 2 ** 20) * 2 ** 20
-        groups = [build_group(opts, subsets, warnings, max_pixels)
-                  for opts, subsets in parse_dataset_toml(path, defaults)]
+        groups = []
+        for opts, subsets in parse_dataset_toml(path, defaults):
+            try:
+                groups.append(build_group(opts, subsets, warnings, max_pixels))
+            except DatasetError as e:  # e.g. an image_dir that does not exist: say which file names it
+                raise DatasetError(f"{path}: {e}") from None
         return _finish(groups, path, warnings, kw)
+
+
+def _caption_lines(captions: str) -> list:
+    """One caption per line (a UTF-8 byte-order mark pasted in is dropped; trailing empty lines too)."""
+    lines = [c.strip() for c in captions.lstrip("\ufeff").replace("\r\n", "\n").split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise DatasetError("captions is empty: write one caption per line (or one line for all images)")
+    return lines
 
 
 class SD3LoraImagesFromGraph(_DatasetNode):
@@ -209,15 +269,21 @@ class SD3LoraImagesFromGraph(_DatasetNode):
 
     DESCRIPTION = "A training dataset from an IMAGE batch and captions written on the node."
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, captions, resolution, cache_dir=None, enable_bucket=None, min_bucket_reso=None,
+                        max_bucket_reso=None, bucket_reso_steps=None, prior_loss_weight=None):
+        return checks.report(cls, locals(), checks.given(captions, _caption_lines), lambda: _check_options(
+            "SD3LoraImagesFromGraph", resolution, cache_dir=cache_dir, enable_bucket=enable_bucket,
+            min_bucket_reso=min_bucket_reso, max_bucket_reso=max_bucket_reso, bucket_reso_steps=bucket_reso_steps))
+
     def load(self, images, captions, resolution, num_repeats, loss_mask=None, **kw):
-        lines = [c.strip() for c in captions.replace("\r\n", "\n").split("\n")]
-        while lines and not lines[-1]:
-            lines.pop()
-        if not lines:
-            raise DatasetError("captions is empty: write one caption per line (or one line for all images)")
+        lines = _caption_lines(captions)
         subset = Subset(num_repeats=num_repeats, captions=CaptionOptions())
         samples = graph_samples(images, lines, subset, loss_mask)
         options = _options(resolution, kw).validate("SD3LoraImagesFromGraph")
         warnings: list = []
+        empty = [s.path for s in samples if not s.caption]
+        if empty:
+            warnings.append(empty_caption_warning(empty, "have an empty line in captions"))
         group = build_group(options, [subset], warnings, collect=lambda _: samples)
         return _finish([group], "graph", warnings, kw)

@@ -53,13 +53,18 @@ def check_compile_attention(settings) -> None:
                          f"--use-pytorch-cross-attention, or turn torch_compile or gradient_checkpointing off")
 
 
+def max_image_side(mmdit: torch.nn.Module) -> Optional[int]:
+    """The longest image side (px) the model's position table covers (None: no table limit)."""
+    max_patches = getattr(mmdit, "pos_embed_max_size", None)
+    return None if max_patches is None else max_patches * getattr(mmdit, "patch_size", 2) * 8
+
+
 def check_resolution(mmdit: torch.nn.Module, resolution: int) -> None:
     """Refuse a resolution the model's position embedding cannot cover."""
-    max_patches = getattr(mmdit, "pos_embed_max_size", None)
-    patch = getattr(mmdit, "patch_size", 2)
-    if max_patches is not None and resolution // 8 > max_patches * patch:
+    limit = max_image_side(mmdit)
+    if limit is not None and resolution > limit:
         raise ValueError(f"resolution {resolution} is larger than this model supports "
-                         f"({max_patches * patch * 8} px); lower the dataset's resolution")
+                         f"({limit} px); lower the dataset's resolution")
 
 
 def compute_dtype(model) -> torch.dtype:

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Optional
+
+from ..trainer.atomic_files import write_text
 
 
 def write_workflow_json(stem: str, extra_pnginfo: Optional[dict]) -> Optional[str]:
@@ -13,9 +14,4 @@ def write_workflow_json(stem: str, extra_pnginfo: Optional[dict]) -> Optional[st
     workflow = (extra_pnginfo or {}).get("workflow")
     if workflow is None:
         return None
-    path = stem + ".workflow.json"
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(workflow, f)
-    os.replace(tmp, path)
-    return path
+    return str(write_text(stem + ".workflow.json", json.dumps(workflow)))

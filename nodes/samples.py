@@ -16,9 +16,10 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from ..trainer.sample_prompts import SamplePrompt, parse_prompts
-from . import host
+from ..trainer.sample_prompts import SamplePrompt, check_size, parse_prompts
+from . import checks, host
 from .common import CATEGORY, SAMPLING
+from .names import filename_prefix as checked_prefix
 
 _D = SamplePrompt("")
 
@@ -59,7 +60,8 @@ class SD3LoraSampling:
             "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "sgm_uniform",
                           "tooltip": "The host's noise schedule; sgm_uniform suits SD3."}),
             "filename_prefix": ("STRING", {"default": "sd3_lora_samples/sample",
-                                "tooltip": "Where in the output folder the sample PNGs go; the step is appended."}),
+                                "tooltip": "Where in the output folder the sample PNGs go (folders inside it "
+                                           "with '/'); the step is appended."}),
         }}
 
     RETURN_TYPES = (SAMPLING,)
@@ -68,12 +70,36 @@ class SD3LoraSampling:
     CATEGORY = CATEGORY
     DESCRIPTION = "Preview samples during training; connect to the train node's 'sampling' input."
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, sample_prompts, filename_prefix):
+        # At queue time: a bad prompt line must not surface only at the first sample of a run.
+        return checks.report(cls, locals(), checks.given(sample_prompts, _prompts),
+                             checks.given(filename_prefix, _filename_prefix))
+
     def build(self, sample_prompts, sample_every_n_steps, sample_at_first, sampler_name, scheduler, filename_prefix):
-        prompts = parse_prompts(sample_prompts, _D)
-        if not prompts:
-            raise ValueError("sample_prompts is empty: write at least one prompt line, e.g. 'a photo of sks --s 20'")
-        return (SamplingOptions(tuple(prompts), sample_every_n_steps, sample_at_first, sampler_name, scheduler,
-                                filename_prefix.strip() or "sd3_lora_samples/sample"),)
+        return (SamplingOptions(tuple(_prompts(sample_prompts)), sample_every_n_steps, sample_at_first, sampler_name,
+                                scheduler, _filename_prefix(filename_prefix)),)
+
+
+def _filename_prefix(value: str) -> str:
+    """The checked prefix of the sample PNGs inside ``output`` (empty: the default)."""
+    return checked_prefix(value.strip() or "sd3_lora_samples/sample")
+
+
+def _prompts(text: str) -> List[SamplePrompt]:
+    """The parsed prompt lines (each size within the limits), or a ValueError naming the line."""
+    prompts = parse_prompts(text, _D)
+    if not prompts:
+        raise ValueError("sample_prompts is empty: write at least one prompt line, e.g. 'a photo of sks --s 20'")
+    return prompts
+
+
+def check_sample_sizes(options: Optional[SamplingOptions], resolution: int, max_side: Optional[int]) -> None:
+    """Before training: every sample, with 0 sizes filled in by ``resolution``, fits the model's
+    position table (``max_side`` px) and the area limit."""
+    for no, p in enumerate(options.prompts if options is not None else (), start=1):
+        check_size(dataclasses.replace(p, width=p.width or resolution, height=p.height or resolution),
+                   f"prompt {no}", max_side)
 
 
 class SampleRunner:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
-import folder_paths
-
+from ..trainer.atomic_files import write_text
 from ..trainer.diffusers_format import kohya_to_diffusers
 from ..trainer.lora_file import SAVE_DTYPES, build_metadata, save_lora
+from . import checks
 from .common import CATEGORY, LORA
+from .names import SAVE_TO, check_output, plain_name, save_folder
 from .provenance import write_workflow_json
 from .run_config import write_run_config
 
@@ -22,9 +22,9 @@ class SD3LoraSave:
     def INPUT_TYPES(cls):
         return {"required": {
             "lora": (LORA, {"tooltip": "The LoRA from the train node."}),
-            "output_name": ("STRING", {"default": "sd3_lora", "tooltip": "File name without extension "
-                                       "(--output_name); an existing file of that name is replaced."}),
-            "save_to": (["loras", "output"], {"default": "loras", "tooltip": "'loras' puts it where "
+            "output_name": ("STRING", {"default": "sd3_lora", "tooltip": "File name without extension, no "
+                                       "folders (--output_name); an existing file of that name is replaced."}),
+            "save_to": (list(SAVE_TO), {"default": "loras", "tooltip": "'loras' puts it where "
                         "'Load LoRA' finds it; 'output' into ComfyUI's output folder."}),
             "save_precision": (list(SAVE_DTYPES), {"default": "fp16", "tooltip": "dtype of the saved weights "
                                "(--save_precision)."}),
@@ -40,22 +40,22 @@ class SD3LoraSave:
     CATEGORY = CATEGORY
     DESCRIPTION = "Saves the trained LoRA as a kohya-format .safetensors file."
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, output_name, save_to):
+        # At queue time: a bad name must not cost the training run before it.
+        return checks.report(cls, locals(), lambda: check_output(output_name, save_to))
+
     def save(self, lora, output_name, save_to, save_precision, diffusers_export=False, extra_pnginfo=None,
              prompt=None, unique_id=None):
-        name = output_name.strip()
-        if not name or not re.fullmatch(r"[\w.\- ]+", name) or name.startswith("."):
-            raise ValueError(f"output_name {output_name!r} is not a valid file name: use letters, digits, "
-                             f"'_', '-', '.' and spaces, e.g. my_sd3_lora")
-        folder = (folder_paths.get_folder_paths("loras")[0] if save_to == "loras"
-                  else folder_paths.get_output_directory())
+        name = plain_name(output_name, "output_name", "my_sd3_lora")
+        folder = save_folder(save_to)
         path = os.path.join(folder, name + ".safetensors")
         metadata = build_metadata(lora.config, lora.info, lora.step, name)
         save_lora(path, lora.tensors, metadata, SAVE_DTYPES[save_precision])
         if diffusers_export:
             save_lora(os.path.join(folder, name + ".diffusers.safetensors"), kohya_to_diffusers(lora.tensors),
                       metadata, SAVE_DTYPES[save_precision])
-        with open(os.path.join(folder, name + ".loss.json"), "w", encoding="utf-8") as f:
-            json.dump({"step": lora.step, "loss": lora.losses}, f)
+        write_text(os.path.join(folder, name + ".loss.json"), json.dumps({"step": lora.step, "loss": lora.losses}))
         write_workflow_json(os.path.join(folder, name), extra_pnginfo)  # the workflow that trained it
         write_run_config(os.path.join(folder, name), lora, prompt, unique_id,  # the run as a --config_file
                          {"output_name": name, "save_precision": save_precision, "diffusers_export": diffusers_export})

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from ..trainer.config import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, TrainConfig
 from ..trainer.flow import HUBER_SCHEDULES, LOSS_TYPES, WEIGHTING_SCHEMES
-from ..trainer.lora_targets import TYPE_DIM_NAMES
+from ..trainer.lora_io import check_lora_file
+from ..trainer.lora_targets import TYPE_DIM_NAMES, parse_block_selection, parse_emb_dims
+from ..trainer.optim import check_optimizer_args
+from . import checks
 from .common import ADVANCED, CATEGORY, NETWORK_ARGS, OPTIMIZER, SETTINGS
+from .names import lora_path
 
 _D = TrainConfig()  # defaults come from the trainer, defined once
 
@@ -54,6 +58,12 @@ class SD3LoraSettings:
     CATEGORY = CATEGORY
     DESCRIPTION = "LoRA and training options with sd-scripts' names."
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, network_alpha, learning_rate, logit_mean, logit_std, mode_scale, training_shift,
+                        max_grad_norm):
+        # The host lets NaN through every FLOAT widget; refuse it (and out-of-range values) at queue time.
+        return checks.report(cls, locals())
+
     def build(self, network_args=None, optimizer=None, advanced=None, **kwargs):
         for group in (network_args, optimizer, advanced):
             kwargs.update(group or {})
@@ -94,11 +104,20 @@ class SD3LoraNetworkArgs:
     FUNCTION = "build"
     CATEGORY = CATEGORY
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, emb_dims, train_block_indices, network_dropout, rank_dropout, module_dropout,
+                        loraplus_lr_ratio, network_weights, text_encoder_lr):
+        return checks.report(cls, locals(), checks.given(emb_dims, parse_emb_dims),
+                             checks.given(train_block_indices, lambda v: parse_block_selection(v, 1000)),
+                             checks.given(text_encoder_lr, lambda v: TrainConfig(text_encoder_lr=v).text_encoder_lrs()),
+                             checks.given(network_weights, lambda v: v.strip() and check_lora_file(lora_path(v))))
+
     def build(self, loraplus_lr_ratio, **kwargs):
         for name in TYPE_DIM_NAMES:
             kwargs[name] = None if kwargs[name] < 0 else kwargs[name]
         kwargs["emb_dims"] = kwargs["emb_dims"].strip() or None
         kwargs["loraplus_lr_ratio"] = loraplus_lr_ratio or None
+        kwargs["network_weights"] = lora_path(kwargs.get("network_weights", ""))  # relative: in models/loras
         return (kwargs,)
 
 
@@ -125,6 +144,12 @@ class SD3LoraOptimizer:
     RETURN_NAMES = ("optimizer",)
     FUNCTION = "build"
     CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, optimizer_type, optimizer_args, lr_scheduler_power):
+        # Wrong keys or types in optimizer_args are refused here, not at the first step.
+        return checks.report(cls, locals(), lambda: optimizer_type is None or optimizer_args is None
+                             or check_optimizer_args(optimizer_type, optimizer_args))
 
     def build(self, **kwargs):
         return (kwargs,)
@@ -172,6 +197,11 @@ class SD3LoraAdvanced:
     RETURN_NAMES = ("advanced",)
     FUNCTION = "build"
     CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, huber_c, huber_scale, clip_l_dropout_rate, clip_g_dropout_rate, t5_dropout_rate,
+                        pos_emb_random_crop_rate):
+        return checks.report(cls, locals())
 
     def build(self, **kwargs):
         return (kwargs,)

@@ -6,30 +6,29 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
-import folder_paths
-
 from ..trainer import checkpoint
 from ..trainer import session as sessions
+from ..trainer.periodic_save import newest_step_state
+from . import checks
 from .common import CATEGORY, LORA, TRAIN_STATE
+from .names import check_folder_writable, state_stem, states_folder
 from .provenance import write_workflow_json
 
 log = logging.getLogger(__name__)
-STATES_SUBFOLDER = "sd3_lora_states"  # under ComfyUI's output folder
 MISSING_CHOICES = ("error", "start new session")
 
 
-def state_stem(state_name: str) -> str:
-    """The path stem of a named state: absolute as given, else ``output/sd3_lora_states/<name>``."""
-    name = os.path.expanduser(state_name.strip())
-    if not name:
-        raise ValueError("state_name is empty: name the state, e.g. my_lora_state")
-    if os.path.isabs(name):
-        return str(checkpoint.state_stem(name))
-    root = os.path.join(folder_paths.get_output_directory(), STATES_SUBFOLDER)
-    stem = os.path.abspath(os.path.join(root, str(checkpoint.state_stem(name))))
-    if os.path.commonpath([root, stem]) != os.path.abspath(root):
-        raise ValueError(f"state_name {state_name!r} points outside {root}: use a plain name or an absolute path")
-    return stem
+def resume_stem(state_name: str) -> str:
+    """The state Resume reads for ``state_name``: of ``<name>`` and the periodic states
+    ``<name>-stepNNNNNNNN`` (Save Every with save_state), the one furthest on; on a tie ``<name>``.
+    So after a crash the same name continues from the newest periodic state."""
+    stem = state_stem(state_name)
+    newest = newest_step_state(states_folder(), os.path.basename(stem))
+    if newest is None:
+        return stem
+    if os.path.exists(stem + ".json") and checkpoint.read_state_json(stem)[checkpoint.PROGRESS]["step"] >= newest[0]:
+        return stem
+    return str(newest[1])
 
 
 class SD3LoraSaveState:
@@ -40,7 +39,7 @@ class SD3LoraSaveState:
         return {"required": {
             "lora": (LORA, {"tooltip": "The 'lora' output of 'SD3 LoRA Train'."}),
             "state_name": ("STRING", {"default": "sd3_lora_state", "tooltip": "Name under output/sd3_lora_states "
-                           "(or an absolute path stem); writes <name>.safetensors + <name>.json (--save_state)."}),
+                           "(no folders); writes <name>.safetensors + <name>.json (--save_state)."}),
         }, "hidden": {"extra_pnginfo": "EXTRA_PNGINFO"}}
 
     RETURN_TYPES = ("STRING",)
@@ -49,6 +48,11 @@ class SD3LoraSaveState:
     FUNCTION = "save"
     CATEGORY = CATEGORY
     DESCRIPTION = "Saves the training state so 'SD3 LoRA Resume' can continue it exactly, even after a restart."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, state_name):
+        return checks.report(cls, locals(), checks.given(state_name, state_stem),
+                             lambda: check_folder_writable(states_folder()))
 
     def save(self, lora, state_name, extra_pnginfo=None):
         if lora.state is None:
@@ -74,7 +78,9 @@ class SD3LoraResume:
     def INPUT_TYPES(cls):
         return {"required": {
             "state_name": ("STRING", {"default": "sd3_lora_state", "tooltip": "A state written by 'SD3 LoRA Save "
-                           "State': its name under output/sd3_lora_states, or an absolute path (--resume)."}),
+                           "State', or Save Every's output_name with save_state: its name under "
+                           "output/sd3_lora_states. Of <name> and the periodic <name>-stepNNNNNNNN states the one "
+                           "furthest on is read (--resume)."}),
             "if_missing": (list(MISSING_CHOICES), {"default": "error", "tooltip": "'start new session' lets one "
                            "workflow both start and continue a run: the first queue finds no state yet."}),
         }}
@@ -86,15 +92,25 @@ class SD3LoraResume:
     DESCRIPTION = "Continues training from a saved state (architecture values come from the state)."
 
     @classmethod
+    def VALIDATE_INPUTS(cls, state_name, if_missing):
+        # At queue time: a missing or damaged state is named before anything runs.
+        def state_files():
+            stem = resume_stem(state_name)
+            if if_missing != MISSING_CHOICES[1] or os.path.exists(stem + ".json"):
+                checkpoint.check_state_files(stem)
+        return checks.report(cls, locals(), lambda: state_name is None or state_files())
+
+    @classmethod
     def IS_CHANGED(cls, state_name, if_missing):
         # Re-read when the state on disk was rewritten (e.g. by Save State in the same workflow).
         try:
-            return os.path.getmtime(state_stem(state_name) + ".json")
+            stem = resume_stem(state_name)
+            return f"{stem}:{os.path.getmtime(stem + '.json')}"
         except (OSError, ValueError):
             return float("nan")
 
     def load(self, state_name, if_missing):
-        stem = state_stem(state_name)
+        stem = resume_stem(state_name)
         if if_missing == MISSING_CHOICES[1] and not os.path.exists(stem + ".json"):
             return (ResumeState(stem, None),)
         return (ResumeState(stem, checkpoint.load_state(stem)),)

@@ -16,13 +16,29 @@ from ..trainer.loop import train
 from ..trainer.precision import precision_warning
 from ..trainer.prepare import check_fp8_base, freeze_base_model, model_signature
 from ..trainer.state import build_network, build_text_networks, new_train_state
-from . import host, live
+from . import checks, host, live
 from .common import CATEGORY, DATASET, LORA, LOSS_MAP, SAMPLING, SAVE_EVERY, SETTINGS, TRAIN_STATE
+from .samples import check_sample_sizes
 from .save_every import save_if_due
 from .state_nodes import get_or_resume
 from .train_extras import RunExtras
 
 log = logging.getLogger(__name__)
+
+
+def refuse_if_followers_cannot_run(prompt, unique_id) -> None:
+    """Refuse to train when a node of this pack after the train node would refuse its inputs.
+
+    The host runs a prompt's valid outputs even when another output node is invalid, so a bad
+    Save name next to a preview would train (for the preview) and never save: the steps would be
+    lost, and a re-queue with a fixed name would train further instead of saving this run.
+    """
+    from . import NODE_CLASS_MAPPINGS  # the package's, complete once a node runs
+
+    problems = checks.downstream_problems(prompt, unique_id, NODE_CLASS_MAPPINGS)
+    if problems:
+        raise ValueError("not training, because a node after this one would not run: " + "; ".join(problems)
+                         + ". Fix it and queue again")
 
 
 class SD3LoraTrain:
@@ -66,8 +82,10 @@ class SD3LoraTrain:
 
     def run(self, model, clip, vae, dataset, settings, steps, sampling=None, resume=None, save_every=None,
             unique_id=None, prompt=None, extra_pnginfo=None):
+        refuse_if_followers_cannot_run(prompt, unique_id)
         mmdit = host.require_sd3(model)
         host.check_resolution(mmdit, dataset.resolution)
+        check_sample_sizes(sampling, dataset.resolution, host.max_image_side(mmdit))
         check_fp8_base(mmdit, settings.fp8_base)
         host.check_compile_attention(settings)
         key = f"node:{unique_id}"
@@ -126,6 +144,8 @@ class SD3LoraTrain:
                    f"{elapsed / max(done, 1):.2f} s/step); last loss {snap.losses[-1]:.4f}")
         if slow_dtype:
             summary = f"warning: {slow_dtype}\n{summary}"
+        # Files that stopped decoding since the dataset node scanned them: on the node, not only in the log.
+        summary += "".join(f"\nwarning: skipped when encoding: {s}" for s in session.info.get("skipped_when_encoding", ()))
         validation = session.info.get("validation_loss")
         if validation:
             summary += f"; validation loss {validation[-1][1]:.4f} at step {validation[-1][0]}"
@@ -146,14 +166,17 @@ class SD3LoraTrain:
         if text_networks and dataset.cache.text != "none":
             raise ValueError("network_train_unet_only is off, so the text encoders are trained and their outputs "
                              "change every step: set the dataset's cache_text_encoder_outputs to none")
+        network = build_network(mmdit, settings)  # before encoding: a network_weights misfit costs nothing
         what = caching_label(dataset.cache)
         shown = (lambda done, total: live.phase(node_id, f"{what} {done}/{total}")) if node_id is not None else None
         data, stats = (encode or host.encode_dataset)(model, clip, vae, dataset, settings, shown)
-        network = build_network(mmdit, settings)
         info = dict(dataset.metadata_info(),
                     variant=detect_variant(mmdit),
                     num_batches_per_epoch=data.num_batches(settings.train_batch_size),
                     data_note=f"{stats}" + "".join(f"; skipped {s}" for s in stats.skipped),
+                    skipped_when_encoding=list(stats.skipped),
+                    # files that could not be decoded now count with those the dataset node skipped
+                    num_skipped_images=len(dataset.skipped) + len(stats.skipped),
                     started_at=time.time(),
                     session_id=uuid.uuid4().int % 2**31)
         return sessions.Session(key=key, fingerprint=fingerprint, state=new_train_state(settings, network, text_networks),

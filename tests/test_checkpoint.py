@@ -53,6 +53,35 @@ def test_saved_state_resumed_from_disk_equals_uninterrupted_bitwise(tmp_path, cf
     assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"]
 
 
+@pytest.mark.parametrize("optimizer_type", ["AdamW", "AdamW8bit", "Adafactor", "Prodigy", "Lion", "SGDNesterov"])
+def test_every_optimizer_resumes_from_disk_bitwise(tmp_path, optimizer_type):
+    """Each optimizer's whole state survives the files: AdamW8bit keeps nested quantisation tensors
+    (rank 16 makes the fc1/fc2 up matrices large enough for its 8-bit state), Adafactor a tuple eps,
+    Prodigy its step size in the param groups. The state is taken inside the loop after step 2, as
+    Save Every's save_state takes it, while that run goes on (and is then dropped, as by a crash)."""
+    model, data = tiny_mmdit(), _data()
+    cfg = TrainConfig(network_dim=16, network_alpha=16, learning_rate=1e-3, seed=5, optimizer_type=optimizer_type,
+                      lr_scheduler="linear", max_train_steps=10).validate()
+    straight = _fresh(cfg, model)
+    train(model, data, straight, 5)
+    crashed = _fresh(cfg, model)
+    path = tmp_path / optimizer_type
+
+    def periodic_save(step, loss):
+        if step == 2:
+            checkpoint.save_state(path, checkpoint.state_dict(crashed, {}))
+    train(model, data, crashed, 4, on_step=periodic_save)
+    del crashed
+    resumed, _ = checkpoint.restore(checkpoint.load_state(path), model, cfg)
+    train(model, data, resumed, 3)
+    assert resumed.losses == straight.losses
+    a, b = _params(straight), _params(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    if optimizer_type == "AdamW8bit":  # the 8-bit path was taken (not only bitsandbytes' 32-bit fallback)
+        assert any("__bnb_optimizer_quant_state__" in s and s["__bnb_optimizer_quant_state__"]["state1"].dtype
+                   == torch.uint8 for s in resumed.optimizer.state_dict()["state"].values())
+
+
 def test_state_files_are_safetensors_and_json_without_pickle(tmp_path):
     model = tiny_mmdit()
     cfg = TrainConfig(network_dim=2).validate()

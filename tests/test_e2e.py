@@ -106,7 +106,8 @@ def test_bad_dataset_folder_is_a_node_error_and_server_keeps_serving(comfy_serve
     with pytest.raises(headless.WorkflowError) as err:
         headless.run_prompt(comfy_server.url, prompt, timeout=300)
     assert "image folder not found" in str(err.value) and "no_such_dir" in str(err.value)
-    assert err.value.node_type == "SD3LoraImageFolder"
+    # Refused when queued (the node's VALIDATE_INPUTS), before any node ran.
+    assert [e["class_type"] for e in err.value.node_errors.values()] == ["SD3LoraImageFolder"]
     # The same server runs the next prompt.
     assert "SD3LoraTrain" in headless.get_object_info(comfy_server.url)
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -18,26 +19,28 @@ from typing import Dict, List, Optional, Tuple
 import safetensors.torch
 import torch
 
+from . import tensor_tree
+from .atomic_files import staged
 from .config import TrainConfig
 from .lora_targets import TYPE_DIM_NAMES
 from .state import TrainState, build_network, build_text_networks, new_train_state
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every optimizer's whole state_dict (nested tensors, tuples); 1 is still read
 # Top-level keys of a state dict.
 LORA = "lora"            # the network's parameters by name, in their training dtype
-OPTIMIZER = "optimizer"  # {"tensors": {"<param index>.<name>": tensor}, "scalars", "param_groups", "scheduler", "scaler"}
+OPTIMIZER = "optimizer"  # {"state_dict": the optimizer's own state_dict(), "scheduler", "scaler"}
 RNG = "rng"              # the session generator's state (uint8 tensor): data order, noise, dropouts
 PROGRESS = "progress"    # Progress.state_dict()
 CONFIG = "config"        # TrainConfig.to_dict()
 NETWORK = "network"      # {"targets": [module paths]}, for reading; the layout comes from CONFIG
 INFO = "info"            # session facts for the LoRA metadata (variant, dataset dirs, session id...)
 VERSION = "format_version"
+PAIR = "pair"            # the same random id in both files of one save: a mixed pair is refused
 # Config values that define the network (which layers, ranks, scale, dtype): on resume the saved ones win.
 ARCHITECTURE_KEYS = ("network_dim", "network_alpha") + TYPE_DIM_NAMES + (
     "emb_dims", "train_block_indices", "split_qkv", "full_bf16", "network_train_unet_only", "train_t5xxl")
-_TENSOR_SECTIONS = (LORA, OPTIMIZER, RNG)
 
 
 @dataclass
@@ -58,24 +61,21 @@ class Progress:
         return cls(state.step, list(state.losses), [list(b) for b in state.order], state.cursor, state.epoch)
 
 
+def _copy_tensors(tree):
+    """``tree`` with every tensor replaced by a detached CPU copy (the optimizer keeps updating its own)."""
+    return tensor_tree.join(*tensor_tree.split(tree))
+
+
 def state_dict(state: TrainState, info: dict) -> dict:
     """A detached copy of everything needed to continue ``state`` bit for bit."""
-    opt = state.optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, entries in opt["state"].items():
-        for name, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value.detach().cpu().clone()
-            else:
-                scalars[f"{index}.{name}"] = value
     network = state.network
     scheduler, scaler = getattr(state, "scheduler", None), getattr(state, "scaler", None)
     return {
         VERSION: FORMAT_VERSION,
         LORA: {k: v.detach().cpu().clone() for k, v in _all_params(network, state.text_networks).items()},
-        OPTIMIZER: {"tensors": tensors, "scalars": scalars, "param_groups": opt["param_groups"],
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "scaler": scaler.state_dict() if scaler is not None else None},
+        OPTIMIZER: _copy_tensors({"state_dict": state.optimizer.state_dict(),
+                                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                                  "scaler": scaler.state_dict() if scaler is not None else None}),
         RNG: state.generator.get_state().clone(),
         PROGRESS: Progress.of(state).state_dict(),
         CONFIG: state.config.to_dict(),
@@ -84,24 +84,30 @@ def state_dict(state: TrainState, info: dict) -> dict:
     }
 
 
-def save_state(stem: str | os.PathLike, ckpt: dict) -> Path:
-    """Write ``<stem>.safetensors`` (tensors) and ``<stem>.json`` (the rest); returns the json path.
-
-    Each file is written to a temporary name first, so a crash never leaves half a state.
-    """
+def state_paths(stem: str | os.PathLike) -> Tuple[Path, Path]:
+    """(tensor file, json file) of the state at ``stem``."""
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{LORA}/{k}": v.contiguous() for k, v in ckpt[LORA].items()}
-    tensors.update({f"{OPTIMIZER}/{k}": v.contiguous() for k, v in ckpt[OPTIMIZER]["tensors"].items()})
-    tensors[RNG] = ckpt[RNG].contiguous()
-    rest = {k: v for k, v in ckpt.items() if k not in _TENSOR_SECTIONS}
-    rest[OPTIMIZER] = {k: v for k, v in ckpt[OPTIMIZER].items() if k != "tensors"}
-    paths = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
-    safetensors.torch.save_file(tensors, str(paths[0]) + ".tmp")
-    paths[1].with_name(paths[1].name + ".tmp").write_text(json.dumps(rest), encoding="utf-8")
-    for path in paths:
-        os.replace(str(path) + ".tmp", path)
-    return paths[1]
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def save_state(stem: str | os.PathLike, ckpt: dict) -> Path:
+    """Write ``<stem>.safetensors`` (every tensor) and ``<stem>.json`` (the rest); returns the json path.
+
+    Both are written whole before either replaces an older state (:mod:`atomic_files`), the json
+    last; the two carry the same pair id, so a pair mixed by a crash between the renames is refused
+    on loading instead of resuming wrongly.
+
+    Raises:
+        OSError: naming the file and the fix when the disk is full or the folder not writable.
+    """
+    tree, tensors = tensor_tree.split({k: v for k, v in ckpt.items() if k != VERSION})
+    pair = secrets.token_hex(8)
+    text = json.dumps(dict(tree, **{VERSION: FORMAT_VERSION, PAIR: pair}))  # before any file is touched
+    tensor_path, json_path = state_paths(stem)
+    with staged([tensor_path, json_path]) as (tensor_temp, json_temp):
+        safetensors.torch.save_file(tensors, str(tensor_temp), metadata={PAIR: pair, VERSION: str(FORMAT_VERSION)})
+        json_temp.write_text(text, encoding="utf-8")
+    return json_path
 
 
 def state_stem(path: str | os.PathLike) -> Path:
@@ -110,25 +116,92 @@ def state_stem(path: str | os.PathLike) -> Path:
     return path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
 
 
+def _damaged(path: Path, error: BaseException) -> ValueError:
+    return ValueError(f"training state file {path} is damaged ({error}); it was cut short or changed after it "
+                      f"was saved. Resume from another state (e.g. an earlier periodic one) or start a new run")
+
+
+def read_state_json(path: str | os.PathLike) -> dict:
+    """The json half of a state, checked for its format version.
+
+    Raises:
+        FileNotFoundError: naming both files when one is missing.
+        ValueError: naming the file when it is damaged or of an unknown format version.
+    """
+    tensor_path, json_path = state_paths(state_stem(path))
+    for p in (json_path, tensor_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"training state file {p} not found: a state is the pair {json_path.name} + "
+                                    f"{tensor_path.name} written by 'SD3 LoRA Save State' (or Save Every's save_state)")
+    try:
+        ckpt = json.loads(json_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _damaged(json_path, e) from e
+    if not isinstance(ckpt, dict) or ckpt.get(VERSION) not in (1, FORMAT_VERSION):
+        version = ckpt.get(VERSION) if isinstance(ckpt, dict) else None
+        raise ValueError(f"{json_path} has state format {version!r}; this version reads 1 and {FORMAT_VERSION}")
+    return ckpt
+
+
+def check_state_files(path: str | os.PathLike) -> None:
+    """Cheap checks of a saved state, for queue time: the json parses and the tensor file is whole
+    (its header read, its length checked; no tensor data loaded). Raises as :func:`read_state_json`."""
+    ckpt = read_state_json(path)
+    tensor_path = state_paths(state_stem(path))[0]
+    try:
+        with safetensors.safe_open(str(tensor_path), "pt") as f:
+            pair = (f.metadata() or {}).get(PAIR)
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise _damaged(tensor_path, e) from e
+    _check_pair(ckpt, pair, tensor_path)
+
+
+def _check_pair(ckpt: dict, pair: Optional[str], tensor_path: Path) -> None:
+    if ckpt.get(VERSION, 1) >= 2 and pair != ckpt.get(PAIR):
+        raise ValueError(f"{tensor_path} and its .json are from different saves (a save was interrupted between "
+                         f"the two files): resume from another state, e.g. an earlier periodic one")
+
+
 def load_state(path: str | os.PathLike) -> dict:
     """Read a state written by :func:`save_state` (``path``: either file, or their common stem).
 
     Raises:
         FileNotFoundError: naming both files when one is missing.
-        ValueError: for a file of another format version.
+        ValueError: naming the file when it is damaged, mixed with another save's, or of an
+            unknown format version.
     """
-    stem = state_stem(path)
-    json_path, tensor_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
-    for p in (json_path, tensor_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"training state file {p} not found: a state is the pair {json_path.name} + "
-                                    f"{tensor_path.name} written by 'SD3 LoRA Save State'")
-    ckpt = json.loads(json_path.read_text(encoding="utf-8"))
-    if ckpt.get(VERSION) != FORMAT_VERSION:
-        raise ValueError(f"{json_path} has state format {ckpt.get(VERSION)!r}; this version reads {FORMAT_VERSION}")
-    tensors = safetensors.torch.load_file(str(tensor_path))
+    ckpt = read_state_json(path)
+    tensor_path = state_paths(state_stem(path))[0]
+    try:
+        with safetensors.safe_open(str(tensor_path), "pt") as f:
+            pair = (f.metadata() or {}).get(PAIR)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise _damaged(tensor_path, e) from e
+    _check_pair(ckpt, pair, tensor_path)
+    if ckpt[VERSION] == 1:
+        return _from_version_1(ckpt, tensors)
+    try:
+        return dict(tensor_tree.join(ckpt, tensors), **{VERSION: FORMAT_VERSION})
+    except KeyError as e:
+        raise _damaged(tensor_path, f"no tensor {e}") from e
+
+
+def _from_version_1(ckpt: dict, tensors: Dict[str, torch.Tensor]) -> dict:
+    """A format-1 state (flat optimizer tensors and scalars) in the current layout."""
     ckpt[LORA] = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(LORA + "/")}
-    ckpt[OPTIMIZER]["tensors"] = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(OPTIMIZER + "/")}
+    flat = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(OPTIMIZER + "/")}
+    saved = ckpt[OPTIMIZER]
+    state: Dict[int, dict] = {}
+    for entries in (flat, saved["scalars"]):
+        for key, value in entries.items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+    # JSON has no tuples; torch's optimizers document betas as a tuple.
+    groups = [dict(g, betas=tuple(g["betas"])) if isinstance(g.get("betas"), list) else dict(g)
+              for g in saved["param_groups"]]
+    ckpt[OPTIMIZER] = {"state_dict": {"state": state, "param_groups": groups},
+                       "scheduler": saved.get("scheduler"), "scaler": saved.get("scaler")}
     ckpt[RNG] = tensors[RNG]
     return ckpt
 
@@ -184,7 +257,8 @@ def restore(ckpt: dict, mmdit: torch.nn.Module, config: TrainConfig,
             param.copy_(saved[name])
     state = new_train_state(config, network, text_networks)
     opt = ckpt[OPTIMIZER]
-    state.optimizer.load_state_dict(_optimizer_state(opt))
+    # Copies: tensors read under the host's inference mode cannot be updated in place later.
+    state.optimizer.load_state_dict(_copy_tensors(opt["state_dict"]))
     if opt.get("scheduler") is not None and getattr(state, "scheduler", None) is not None:
         state.scheduler.load_state_dict(opt["scheduler"])
     if opt.get("scaler") and getattr(state, "scaler", None) is not None:
@@ -194,17 +268,3 @@ def restore(ckpt: dict, mmdit: torch.nn.Module, config: TrainConfig,
     state.step, state.losses, state.order = progress.step, list(progress.losses), progress.order
     state.cursor, state.epoch = progress.cursor, progress.epoch
     return state, warnings
-
-
-def _optimizer_state(saved: dict) -> dict:
-    """The torch optimizer state_dict rebuilt from the flat tensors + scalars of a checkpoint."""
-    state: Dict[int, dict] = {}
-    for flat in (saved["tensors"], saved["scalars"]):
-        for key, value in flat.items():
-            index, name = key.split(".", 1)
-            # A copy: tensors read under the host's inference mode cannot be updated in place later.
-            state.setdefault(int(index), {})[name] = value.clone() if torch.is_tensor(value) else value
-    # JSON has no tuples; torch's optimizers document betas as a tuple.
-    groups = [dict(g, betas=tuple(g["betas"])) if isinstance(g.get("betas"), list) else dict(g)
-              for g in saved["param_groups"]]
-    return {"state": state, "param_groups": groups}

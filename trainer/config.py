@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import List, Optional
 
 from .flow import HUBER_SCHEDULES, LOSS_TYPES, WEIGHTING_SCHEMES
 from .lora_targets import TYPE_DIM_NAMES, parse_block_selection, parse_emb_dims
+from .optim import check_optimizer_args
 from .schedules import SCHEDULES
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -85,6 +87,11 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the setting and the fix for any bad value; return self."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            # NaN passes every comparison below (and the host's min/max), then silently turns
+            # clipping off or poisons the timesteps: refuse it by name first.
+            _check(not isinstance(v, float) or math.isfinite(v), f"{f.name} is {v}: set a finite number")
         _check(self.network_dim >= 1, f"network_dim must be at least 1 (got {self.network_dim}); "
                                       f"it is the LoRA rank, e.g. 16")
         _check(self.network_alpha > 0, f"network_alpha must be > 0 (got {self.network_alpha}); use e.g. 1 or network_dim")
@@ -109,6 +116,7 @@ class TrainConfig:
         self.text_encoder_lrs()
         _check(self.optimizer_type in OPTIMIZERS, f"unknown optimizer_type {self.optimizer_type!r}; "
                                                   f"use one of: {', '.join(OPTIMIZERS)}")
+        check_optimizer_args(self.optimizer_type, self.optimizer_args)
         _check(self.learning_rate > 0, f"learning_rate must be > 0 (got {self.learning_rate}); 1e-4 is a good start")
         _check(self.lr_scheduler in LR_SCHEDULERS, f"unknown lr_scheduler {self.lr_scheduler!r}; "
                                                    f"use one of: {', '.join(LR_SCHEDULERS)}")
@@ -119,6 +127,10 @@ class TrainConfig:
         _check(self.train_batch_size >= 1, f"train_batch_size must be at least 1 (got {self.train_batch_size})")
         _check(self.weighting_scheme in WEIGHTING_SCHEMES, f"unknown weighting_scheme {self.weighting_scheme!r}; "
                                                            f"use one of: {', '.join(WEIGHTING_SCHEMES)}")
+        _check(self.logit_std > 0, f"logit_std must be > 0 (got {self.logit_std}); 1.0 is sd-scripts' default")
+        _check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {self.max_grad_norm}); 0 turns clipping off")
+        _check(self.huber_scale > 0, f"huber_scale must be > 0 (got {self.huber_scale})")
+        _check(self.lr_scheduler_power >= 0, f"lr_scheduler_power must be >= 0 (got {self.lr_scheduler_power})")
         _check(self.training_shift > 0, f"training_shift must be > 0 (got {self.training_shift}); 1.0 means no shift")
         _check(self.loss_type in LOSS_TYPES, f"unknown loss_type {self.loss_type!r}; use one of: {', '.join(LOSS_TYPES)}")
         _check(self.huber_schedule in HUBER_SCHEDULES, f"unknown huber_schedule {self.huber_schedule!r}; "

@@ -21,6 +21,8 @@ from .captions import CaptionOptions
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # larger images are skipped: no decompression bombs
+MIN_IMAGE_SIDE = 16  # smaller images are skipped: not one SD3 latent patch (2x2 latents = 16 px) of their own
+_SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale PNGs open in these modes
 _READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
@@ -42,6 +44,24 @@ class Subset:
     color_aug: bool = False      # random hue/gamma changes (no latent cache)
     alpha_mask: bool = False     # the alpha channel becomes the loss mask (else composited on white)
     captions: CaptionOptions = field(default_factory=CaptionOptions)
+
+    def __post_init__(self):
+        object.__setattr__(self, "caption_extension", caption_suffix(self.caption_extension))
+
+
+def caption_suffix(extension: str) -> str:
+    """``caption_extension`` as a file suffix: ``txt`` means ``.txt`` (what anyone writing it means).
+
+    Example:
+        >>> caption_suffix("caption")
+        '.caption'
+    """
+    ext = extension.strip()
+    if not ext.strip("."):
+        raise DatasetError(f"caption_extension {extension!r} is empty: use the captions' file ending, e.g. .txt")
+    if "/" in ext or "\\" in ext or " " in ext:
+        raise DatasetError(f"caption_extension {extension!r} is not a file ending: use e.g. .txt or .caption")
+    return ext if ext.startswith(".") else "." + ext
 
 
 @dataclass
@@ -109,20 +129,45 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> List[Path]
 
 
 def read_caption(image_path: Path, caption_extension: str = ".txt") -> Optional[str]:
-    """The caption beside an image (same name, ``caption_extension``), or None if there is none."""
-    cap = image_path.with_suffix(caption_extension)
+    """The caption beside an image (same name, ``caption_extension``), or None if there is none.
+    A UTF-8 byte-order mark (Windows editors write one) is not part of the caption."""
+    cap = image_path.with_suffix(caption_suffix(caption_extension))
     if not cap.is_file():
         return None
     try:
-        return cap.read_text(encoding="utf-8").strip()
+        return cap.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError as e:
         raise DatasetError(f"caption {cap} is not UTF-8 text ({e}); re-save it as UTF-8") from e
+    except OSError as e:
+        raise DatasetError(f"caption {cap} cannot be read ({e.strerror or e}); fix its permissions or remove it") from e
+
+
+def _mpx(pixels: int) -> str:
+    """Pixels in megapixels as max_megapixels counts them (2^20 px), e.g. "64" or "8.6"."""
+    return f"{pixels / 2 ** 20:.1f}".removesuffix(".0")
+
+
+def _check_decodes(path: Path) -> None:
+    """Decode enough of the image to find a file cut short (the header alone reads fine): a JPEG
+    at 1/8 scale (its decoder still reads every block), a PNG's chunks and checksums, others whole."""
+    with Image.open(path) as im:
+        if im.format == "JPEG":
+            im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+            im.load()
+        elif im.format == "PNG":
+            im.verify()
+        else:
+            im.load()
 
 
 def scan_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[Tuple[int, int], str]:
-    """(size after EXIF orientation, sha256 of the file) from the header only; DatasetError for an
-    empty, unreadable, non-image or over-large file."""
-    data = path.read_bytes()
+    """(size after EXIF orientation, sha256 of the file); DatasetError for an empty, unreadable
+    (a broken link too), truncated, non-image, over-large or tiny file."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        what = "a link to a file that does not exist" if path.is_symlink() else (e.strerror or str(e))
+        raise DatasetError(f"cannot read {path}: {what}") from e
     if not data:
         raise DatasetError(f"{path} is empty (0 bytes)")
     try:
@@ -131,11 +176,23 @@ def scan_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[Tuple[
             if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated 90/270 degrees
                 w, h = h, w
     except _READ_ERRORS as e:
-        raise DatasetError(f"cannot read image {path}: not a readable image ({type(e).__name__}: {e})") from e
+        raise _unreadable(path, e) from e
     if w * h > max_pixels:
-        raise DatasetError(f"{path} is {w}x{h} = {w * h / 1e6:.0f} Mpx, above the {max_pixels / 1e6:.0f} Mpx limit; "
-                           f"downscale it or raise max_megapixels")
+        raise DatasetError(f"{path} is {w}x{h} = {_mpx(w * h)} Mpx, above the {_mpx(max_pixels)} Mpx limit "
+                           f"(max_megapixels); downscale it or raise max_megapixels")
+    if min(w, h) < MIN_IMAGE_SIDE:
+        raise DatasetError(f"{path} is {w}x{h} px, under {MIN_IMAGE_SIDE} px on a side: it would train as a blur; "
+                           f"use a larger image")
+    try:
+        _check_decodes(path)
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from e
     return (w, h), hashlib.sha256(data).hexdigest()
+
+
+def _unreadable(path: Path, error: BaseException) -> DatasetError:
+    return DatasetError(f"cannot read image {path}: {error} ({type(error).__name__}: not an image, or damaged or "
+                        f"cut short); replace or remove the file")
 
 
 def _open_rgb(sample: ImageCaption) -> Tuple[Image.Image, Optional[Image.Image]]:
@@ -148,6 +205,8 @@ def _open_rgb(sample: ImageCaption) -> Tuple[Image.Image, Optional[Image.Image]]
     with Image.open(sample.path) as im:
         im = ImageOps.exif_transpose(im)
         im.load()
+    if im.mode in _SIXTEEN_BIT_GREY:
+        im = _grey_to_8bit(im)
     has_alpha = im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info)
     if sample.subset.alpha_mask:
         # Keep the colours under transparent pixels (sd-scripts does) and train only where alpha > 0.
@@ -157,6 +216,14 @@ def _open_rgb(sample: ImageCaption) -> Tuple[Image.Image, Optional[Image.Image]]
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return im.convert("RGB"), None
+
+
+def _grey_to_8bit(im: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image as 8-bit "L", scaled (Pillow's convert clips 0..65535 at 255: white)."""
+    values = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I;16") or values.max(initial=0) > 255:
+        values = values / 257.0  # 65535 -> 255
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))  # 2-D uint8: mode "L"
 
 
 def _color_aug(img: Image.Image, rng: random.Random) -> Image.Image:

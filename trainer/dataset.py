@@ -62,6 +62,7 @@ class DatasetGroup:
     subsets: List[Subset]
     samples: List[ImageCaption]
     validation: List[ImageCaption] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)  # files left out when scanning, with the reason
 
 
 def folder_subsets(root: str, base: Subset) -> Tuple[List[Subset], List[str]]:
@@ -83,28 +84,35 @@ def folder_subsets(root: str, base: Subset) -> Tuple[List[Subset], List[str]]:
     return subsets, warnings
 
 
-def collect_subset(subset: Subset, warnings: List[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> List[ImageCaption]:
-    """The readable images of a subset with their captions; unreadable ones are skipped and named
-    in ``warnings`` (the run goes on, as sd-scripts' goes on without them)."""
+def collect_subset(subset: Subset, warnings: List[str], max_pixels: int = DEFAULT_MAX_PIXELS,
+                   skipped: Optional[List[str]] = None) -> List[ImageCaption]:
+    """The readable images of a subset with their captions; unreadable ones are skipped, named in
+    ``warnings`` and appended to ``skipped`` (the run goes on, as sd-scripts' goes on without them).
+    An empty caption file counts as none: the subset's class_tokens stand in."""
     samples, uncaptioned = [], []
     for p in list_images(subset.image_dir):
         try:
             size, digest = scan_image(p, max_pixels)
         except DatasetError as e:
             warnings.append(f"skipped {e}")
+            if skipped is not None:
+                skipped.append(str(e))
             log.warning("SD3 LoRA dataset: skipped %s", e)
             continue
-        caption = read_caption(p, subset.caption_extension)
-        if caption is None:
-            caption = subset.captions.class_tokens
-            if not caption:
-                uncaptioned.append(p.name)
+        caption = read_caption(p, subset.caption_extension) or subset.captions.class_tokens
+        if not caption:
+            uncaptioned.append(p.name)
         samples.append(ImageCaption(str(p), caption, subset, size, digest))
     if uncaptioned:
-        warnings.append(f"{len(uncaptioned)} image(s) in {subset.image_dir} have no {subset.caption_extension} caption "
-                        f"and the subset has no class_tokens; they train with an empty caption: "
-                        f"{', '.join(uncaptioned[:5])}{' ...' if len(uncaptioned) > 5 else ''}")
+        warnings.append(empty_caption_warning(uncaptioned, f"in {subset.image_dir} have no or an empty "
+                                              f"{subset.caption_extension} caption and the subset has no class_tokens"))
     return samples
+
+
+def empty_caption_warning(names: List[str], what: str) -> str:
+    """The warning for images that train with an empty caption (first five named)."""
+    return (f"{len(names)} image(s) {what}; they train with an empty caption: "
+            f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
 
 
 def split_validation(samples: List[ImageCaption], fraction: float, seed: int) -> Tuple[list, list]:
@@ -134,9 +142,9 @@ def build_group(options: DatasetOptions, subsets: List[Subset], warnings: List[s
                 max_pixels: int = DEFAULT_MAX_PIXELS,
                 collect: Optional[Callable[[Subset], List[ImageCaption]]] = None) -> DatasetGroup:
     """Read every subset, split off validation images and put every image in its bucket."""
-    train, val = [], []
+    train, val, skipped = [], [], []
     for sub in subsets:
-        found = collect(sub) if collect else collect_subset(sub, warnings, max_pixels)
+        found = collect(sub) if collect else collect_subset(sub, warnings, max_pixels, skipped)
         if not found:
             warnings.append(f"no readable images in {sub.image_dir or 'the graph input'}: subset ignored")
             continue
@@ -145,7 +153,7 @@ def build_group(options: DatasetOptions, subsets: List[Subset], warnings: List[s
         train += keep
         val += held
     assign_buckets(train + val, options)
-    return DatasetGroup(options, subsets, train, val)
+    return DatasetGroup(options, subsets, train, val, skipped)
 
 
 def reg_repeats(num_train: int, repeats: List[int]) -> List[int]:

@@ -56,8 +56,16 @@ class _Where:
         return None
 
     def error(self, msg: str, key: str, header: str, nth: int) -> DatasetError:
-        line = self.line_of(key, header, nth)
+        return self.at(msg, self.line_of(key, header, nth))
+
+    def at(self, msg: str, line: Optional[int]) -> DatasetError:
         return DatasetError(f"{self.path}{f', line {line}' if line else ''}: {msg}")
+
+    def first_line(self, name: str) -> Optional[int]:
+        """1-based line of the first ``[name]`` / ``[[name]]`` header or ``key = `` for the last part of ``name``."""
+        key = re.escape(name.rsplit(".", 1)[-1])
+        pattern = re.compile(rf"\s*(\[\[?\s*{re.escape(name)}\s*\]\]?|{key}\s*=)")
+        return next((i + 1 for i, line in enumerate(self.lines) if pattern.match(line)), None)
 
 
 def _check_value(key: str, value, expected):
@@ -115,6 +123,29 @@ def _subset(values: dict, base_dir: Path, label: str, where: _Where, nth: int) -
     return Subset(**dict(fields, image_dir=str(image_dir.resolve())), captions=captions)
 
 
+def _table(value, name: str, where: _Where) -> dict:
+    """``[name]``'s table, or a DatasetError saying how to write it (e.g. ``[[general]]`` for ``[general]``)."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, list):
+        raise where.at(f"[[{name}]] (double brackets) makes a list; there is one {name} table: write [{name}]",
+                       where.first_line(name))
+    raise where.at(f"'{name}' must be the table [{name}] (got {value!r})", where.first_line(name))
+
+
+def _tables(value, name: str, where: _Where, context: str = "") -> List[dict]:
+    """``[[name]]``'s tables, or a DatasetError saying how to write them (``[[datasets.subsets]]``
+    for ``[datasets.subsets]``, never ``subsets = "x"``)."""
+    key, context = name.rsplit(".", 1)[-1], f" {context}" if context else ""
+    if isinstance(value, dict):
+        raise where.at(f"[{name}]{context} (single brackets) is one table; write [[{name}]] (double brackets), "
+                       f"once per {key[:-1]}", where.first_line(name))
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise where.at(f"'{key}'{context} must be [[{name}]] tables (got {value!r}); write each as [[{name}]] "
+                       f"followed by its keys", where.first_line(name))
+    return value
+
+
 def parse_dataset_toml(path: str | Path, defaults: Optional[dict] = None) -> List[Tuple[DatasetOptions, List[Subset]]]:
     """Each ``[[datasets]]`` of an sd-scripts dataset config as (options, subsets).
 
@@ -124,7 +155,7 @@ def parse_dataset_toml(path: str | Path, defaults: Optional[dict] = None) -> Lis
     if not path.is_file():
         raise DatasetError(f"dataset config not found: {path}. Set toml_path to an sd-scripts dataset .toml file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no TOML syntax error
         doc = tomllib.loads(text)
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path} is not UTF-8 text ({e})") from e
@@ -135,9 +166,10 @@ def parse_dataset_toml(path: str | Path, defaults: Optional[dict] = None) -> Lis
     if unknown:
         raise where.error(f"unknown table or key '{unknown[0]}'; a dataset config has [general] and [[datasets]] "
                           f"(with [[datasets.subsets]])", unknown[0], "", 0)
-    general = _read_table(doc.get("general", {}), ALL_KEYS, "[general]", where, "[general]", 0)
-    datasets = doc.get("datasets", [])
-    if not isinstance(datasets, list) or not datasets:
+    general = _read_table(_table(doc.get("general", {}), "general", where), ALL_KEYS, "[general]", where,
+                          "[general]", 0)
+    datasets = _tables(doc.get("datasets", []), "datasets", where)
+    if not datasets:
         raise DatasetError(f"{path}: no [[datasets]]; add one with at least one [[datasets.subsets]] image_dir")
     out, subset_no = [], 0
     for d, ds in enumerate(datasets):
@@ -148,7 +180,7 @@ def parse_dataset_toml(path: str | Path, defaults: Optional[dict] = None) -> Lis
             raise DatasetError(f"{path}: {label} has no resolution (sd-scripts takes it from --resolution): "
                                f"set resolution = 1024 in [general] or in the dataset")
         subsets = []
-        for s, sub in enumerate(ds.get("subsets", [])):
+        for s, sub in enumerate(_tables(ds.get("subsets", []), "datasets.subsets", where, f"in {label}")):
             slabel = f"{label} subset #{s + 1}"
             values = {**{k: v for k, v in merged.items() if k in SUBSET_LEVEL},
                       **_read_table(sub, SUBSET_LEVEL, slabel, where, "[[datasets.subsets]]", subset_no)}

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, Optional
 
 import safetensors.torch
 import torch
+
+from .atomic_files import staged
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,7 @@ class EncoderCache:
             return entry
         _remember(key, entry)
         if self.mode == "disk" and folder is not None:
-            folder = Path(folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{key}.safetensors"
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            safetensors.torch.save_file(entry, str(tmp))
-            os.replace(tmp, path)  # atomic: a crash never leaves a half-written entry under the key
+            # Atomic: a crash never leaves a half-written entry under the key.
+            with staged([Path(folder) / f"{key}.safetensors"], durable=False) as (temp,):
+                safetensors.torch.save_file(entry, str(temp))
         return entry

@@ -276,11 +276,33 @@ class LoRANetwork(nn.Module):
         return sd
 
     def load_kohya_state_dict(self, tensors: Dict[str, torch.Tensor]) -> List[str]:
-        """Load weights from a kohya-layout dict; returns the module names it had no weights for."""
-        missing = []
-        for name, module in self.loras.items():
-            if f"{name}.lora_down.weight" in tensors:
-                module.load_kohya(tensors, name)
-            else:
-                missing.append(name)
-        return missing
+        """Load weights from a kohya-layout dict; returns the module names it had no weights for.
+
+        Raises:
+            ValueError: before loading anything, naming the first module whose weights have
+                another rank or layer size than this network's (shapes [rank, in] and [out, rank]).
+        """
+        present = [name for name in self.loras if f"{name}.lora_down.weight" in tensors]
+        for name in present:
+            expected = self.loras[name].kohya_tensors(name)
+            for part in ("lora_down", "lora_up"):
+                key = f"{name}.{part}.weight"
+                got, want = tuple(tensors[key].shape), tuple(expected[key].shape)
+                if got != want:
+                    raise ValueError(_shape_message(name, part, got, want))
+        for name in present:
+            self.loras[name].load_kohya(tensors, name)
+        return [name for name in self.loras if name not in present]
+
+
+def _shape_message(name: str, part: str, got: tuple, want: tuple) -> str:
+    """Why a file's weights do not fit a module: another rank (fix the settings) or another layer
+    size (another model)."""
+    rank_axis = 0 if part == "lora_down" else 1
+    if len(got) == len(want) and all(g == w for i, (g, w) in enumerate(zip(got, want)) if i != rank_axis):
+        return (f"{name} has rank {got[rank_axis]} in the file, but these settings give it rank {want[rank_axis]}: "
+                f"set network_dim (and the per-layer dims) to the file's rank (its ss_network_dim), or clear "
+                f"network_weights")
+    return (f"{name}.{part} is {list(got)} in the file, but this model's layer needs {list(want)}: the file was "
+            f"trained on another model (see its ss_base_model_version); choose a LoRA for this model or clear "
+            f"network_weights")

@@ -12,6 +12,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from .atomic_files import staged
 from .config import TrainConfig
 
 # sd-scripts' ss_base_model_version -> SAI model-spec architecture of a LoRA for it.
@@ -63,6 +64,8 @@ def build_metadata(config: TrainConfig, info: dict, step: int, output_name: str)
         "ss_network_train_unet_only": "True",
         "ss_num_train_images": str(info["num_images"]),
         "ss_num_reg_images": str(info.get("num_reg_images", 0)),
+        # Not an sd-scripts key: files of the dataset folders that were left out (unreadable, cut short...).
+        "ss_num_skipped_images": str(info.get("num_skipped_images", 0)),
         "ss_num_batches_per_epoch": str(info.get("num_batches_per_epoch",
                                                  -(-info["num_images"] // config.train_batch_size))),
         "ss_num_epochs": str(-(-step * config.train_batch_size // max(1, info["num_images"]))),
@@ -154,15 +157,17 @@ def network_args_of(config: TrainConfig) -> Dict[str, str]:
 
 def save_lora(path: str | os.PathLike, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str],
               dtype: Optional[torch.dtype] = None) -> Path:
-    """Write ``tensors`` (cast to ``dtype``) with ``metadata`` and the weights hashes, atomically:
-    a failed write never leaves a truncated file under ``path``."""
+    """Write ``tensors`` (cast to ``dtype``) with ``metadata`` and the weights hashes, atomically
+    (:mod:`atomic_files`): a failed or killed write never leaves a truncated file under ``path``.
+
+    Raises:
+        OSError: naming the file and the fix when it cannot be written (disk full, read-only).
+    """
     path = Path(path)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     metadata = dict(metadata, sshs_model_hash=weights_hash(tensors))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with staged([path]) as (temp,):
+        safetensors.torch.save_file(tensors, str(temp), metadata=metadata)
     return path

@@ -111,7 +111,11 @@ def build_network(mmdit: torch.nn.Module, config: TrainConfig, seed: Optional[in
     if config.network_weights:
         from .lora_io import read_lora_tensors
 
-        missing = network.load_kohya_state_dict(read_lora_tensors(config.network_weights))
+        tensors = read_lora_tensors(config.network_weights)
+        try:
+            missing = network.load_kohya_state_dict(tensors)
+        except ValueError as e:
+            raise ValueError(f"network_weights {config.network_weights}: {e}") from None
         if missing:
             log.warning("network_weights %s has no weights for %d of %d modules (they start fresh): %s",
                         config.network_weights, len(missing), len(network.loras), ", ".join(missing[:5]))

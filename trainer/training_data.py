@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List
@@ -25,6 +26,9 @@ class CacheOptions:
         for key, value in (("cache_latents", self.latents), ("cache_text_encoder_outputs", self.text)):
             if value not in CACHE_MODES:
                 raise DatasetError(f"{key} must be one of {', '.join(CACHE_MODES)} (got {value!r})")
+        if self.folder and os.path.exists(self.folder) and not os.path.isdir(self.folder):
+            raise DatasetError(f"cache_dir {self.folder} is a file: name a folder (it is created when missing), or "
+                               f"leave cache_dir empty for a .sd3_lora_cache folder beside the images")
         return self
 
 
@@ -40,6 +44,10 @@ class TrainingData:
     warnings: List[str] = field(default_factory=list)
 
     def __post_init__(self):
+        if not (math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0):
+            raise DatasetError(f"prior_loss_weight must be a finite number >= 0 (got {self.prior_loss_weight}); "
+                               f"1.0 weighs regularisation images like the others")
+        self.skipped = [f for g in self.groups for f in g.skipped]  # also of datasets left with no images
         self.groups = [g for g in self.groups if g.samples]
         if not self.groups:
             detail = ("; " + "; ".join(self.warnings[:5])) if self.warnings else ""
@@ -111,8 +119,9 @@ class TrainingData:
         """What the dataset node shows: counts, buckets, and every warning."""
         info = self.metadata_info()
         val = sum(len(g.validation) for g in self.groups)
+        skipped = f"; {len(self.skipped)} file(s) skipped (listed below)" if self.skipped else ""
         lines = [f"{len(self.samples)} images ({info['num_images']} per epoch with repeats, "
-                 f"{info['num_reg_images']} reg, {val} validation) from {self.source}", self.bucket_table()]
+                 f"{info['num_reg_images']} reg, {val} validation) from {self.source}{skipped}", self.bucket_table()]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -165,6 +174,7 @@ class TrainingData:
                 "bucket_info": datasets[0]["bucket_info"] if len(datasets) == 1 else [d["bucket_info"] for d in datasets],
                 "enable_bucket": o.enable_bucket, "min_bucket_reso": o.min_bucket_reso,
                 "max_bucket_reso": o.max_bucket_reso, "bucket_no_upscale": o.bucket_no_upscale,
+                "num_skipped_images": len(self.skipped),
                 "prior_loss_weight": self.prior_loss_weight, "cache_latents": self.cache.latents != "none",
                 "cache_text_encoder_outputs": self.cache.text != "none"}
 
