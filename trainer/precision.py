@@ -69,12 +69,12 @@ def restore_layers(saved: Saved) -> None:
 
 
 def _matmul_seconds(dtype: torch.dtype, size: int) -> float:
-    """Best of three timings of one ``size``³ matmul in ``dtype`` on the CPU, after a warm-up call."""
+    """Best of five timings of one ``size``³ matmul in ``dtype`` on the CPU, after a warm-up call."""
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
     a @ b  # the first call may pick and build kernels
     best = float("inf")
-    for _ in range(3):
+    for _ in range(5):
         t0 = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t0)
@@ -92,8 +92,15 @@ def matmul_slowdown(dtype: torch.dtype, device_type: str = "cpu", size: int = PR
     """
     if device_type != "cpu" or dtype == torch.float32:
         return 1.0
-    with torch.inference_mode(False), torch.no_grad():
-        return _matmul_seconds(dtype, size) / _matmul_seconds(torch.float32, size)
+    # One thread for both: with other processes on the cores, a multi-threaded fp32 matmul can
+    # stall (OpenMP spin-waits) and make a 50x slower dtype look only 2x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            return _matmul_seconds(dtype, size) / _matmul_seconds(torch.float32, size)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def is_native(dtype: torch.dtype, device_type: str = "cpu") -> bool:
