@@ -38,8 +38,12 @@ DATASET_NODES = {"SD3LoraImageFolder": SD3LoraImageFolder, "SD3LoraDatasetConfig
 
 
 def build_dataset(spec: DatasetSpec) -> Tuple[TrainingData, str]:
-    """The dataset node's outputs (TrainingData, summary) for its inputs, as the workflow runs it."""
-    return DATASET_NODES[spec.node]().load(**spec.inputs)
+    """The dataset node's outputs (TrainingData, summary) for its inputs, as the workflow runs it.
+
+    Its unwrapped function: the nodes raise the pack's errors as builtin types for the editor
+    (``nodes/errors.py``), and the command line needs a ``DatasetError`` to name its argument."""
+    load = DATASET_NODES[spec.node].load
+    return getattr(load, "__wrapped__", load)(DATASET_NODES[spec.node](), **spec.inputs)
 
 
 def batches_per_epoch(dataset: TrainingData, batch_size: int, world: int = 1) -> int:
