@@ -309,3 +309,26 @@ def test_cli_api_prompt_failure(comfy_server, tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "node 2 (SaveImage) failed" in result.stderr
     assert "outside the output folder" in result.stderr
+
+
+def _source_host_env(repo: Path, comfyui_dir: str) -> subprocess.CompletedProcess:
+    """``scripts/host_env.sh`` sourced in ``repo`` with COMFYUI_DIR set, printing what it chose."""
+    return subprocess.run(["bash", "-c", 'source scripts/host_env.sh && echo "$HOST_DIR|$HOST_IS_DEFAULT|$VENV"'],
+                          cwd=repo, env={"PATH": "/usr/bin:/bin", "COMFYUI_DIR": comfyui_dir},
+                          capture_output=True, text=True)
+
+
+def test_host_env_in_a_fresh_checkout(tmp_path):
+    """In a clone where set-up has not fetched the default tree yet, the scripts (which export
+    COMFYUI_DIR to it before calling set-up) still map it to the default host; a COMFYUI_DIR
+    without main.py is refused with the fix."""
+    root = Path(__file__).resolve().parents[1]
+    for rel in ("scripts/host_env.sh", "headless/hosts.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text((root / rel).read_text())
+    default = tmp_path / ".host" / "ComfyUI"
+    out = _source_host_env(tmp_path, str(default))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"{default}|1|{tmp_path / '.venv'}"
+    refused = _source_host_env(tmp_path, str(tmp_path / "elsewhere"))
+    assert refused.returncode == 2 and "has no main.py: point it at a ComfyUI checkout" in refused.stderr
