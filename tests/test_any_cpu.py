@@ -71,7 +71,8 @@ def test_bf16_without_native_support_warns_on_the_node_and_in_the_log_and_trains
             headless.editor_to_api(workflow, info),
             [f"CheckpointLoaderSimple.ckpt_name={sd35m_checkpoint}", "SD3LoraImageFolder.folder=tiny_dataset",
              "SD3LoraSettings.mixed_precision=bf16", "SD3LoraTrain.steps=2", "SD3LoraSave.output_name=avx2_bf16",
-             "KSampler.steps=1"], info)
+             "KSampler.steps=1", "SD3LoraImageFolder.resolution=256", "EmptySD3LatentImage.width=256",
+             "EmptySD3LatentImage.height=256"], info)  # small: bf16 is ~100x slower on such a CPU
         entry = headless.run_prompt(server.url, prompt, timeout=600)
     assert entry["status"]["status_str"] == "success"
     train_id = next(k for k, v in prompt.items() if v["class_type"] == "SD3LoraTrain")

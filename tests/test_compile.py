@@ -68,8 +68,10 @@ def test_compiled_blocks_are_still_checkpointed():
 def test_inductor_compiles_and_trains():
     torch._dynamo.reset()
     t0 = time.perf_counter()
-    _, eager = _run(steps=2, mixed_precision="bf16")
-    _, compiled = _run(steps=2, mixed_precision="bf16", torch_compile=True)
+    # fp32: inductor's bf16 kernels are emulated (and far slower to run) on CPUs without native
+    # bf16; bf16 under compiled blocks is covered by the counting-backend tests above.
+    _, eager = _run(steps=2)
+    _, compiled = _run(steps=2, torch_compile=True)
     print(f"inductor: 2 steps incl. compiling in {time.perf_counter() - t0:.0f} s")
     torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses), rtol=2e-2, atol=1e-3)
 
@@ -87,11 +89,11 @@ def test_compiled_blocks_with_blocks_to_swap(checkpointing):
     kw = dict(mixed_precision="bf16", gradient_checkpointing=checkpointing)
     _, eager = _run(steps=4, **kw, blocks_to_swap=1)
     counts = []
-    for steps, swap in ((2, 0), (2, 1), (4, 1)):
+    for steps, swap in ((2, 0), (4, 1)):  # twice the steps with swapping: still no more graphs
         torch._dynamo.reset()
         GRAPHS.clear()
         _, compiled = _run(steps=steps, **kw, blocks_to_swap=swap, torch_compile=True,
                            dynamo_backend="sd3lora_counting")
         counts.append(len(GRAPHS))
     torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses), rtol=1e-5, atol=1e-6)
-    assert counts[0] > 0 and counts == [counts[0]] * 3, counts  # as many graphs as without swapping
+    assert counts[0] > 0 and counts == [counts[0]] * 2, counts  # as many graphs as without swapping
