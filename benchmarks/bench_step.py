@@ -119,6 +119,9 @@ def build_contestants(args, shape: Shape, inputs: C.Inputs, dtypes):
             out[f"{name}|{b}|{lever_dt}"] = C.Ours(model, inputs, b, lever_bf16, args.rank, dtype, **kw)
 
         lever("ours + SDPA attention", attention=attention_pytorch)
+        if lever_bf16:  # and in fp32, the precision of mixed_precision no (diffusers uses SDPA in both)
+            out[f"ours + SDPA attention|{b}|fp32"] = C.Ours(mmdit, inputs, b, False, args.rank, cdt,
+                                                            attention=attention_pytorch)
         if lever_bf16:  # levers of bf16 autocast itself
             lever("ours, weights stored bf16", bf16_mmdit, torch.bfloat16)
             lever("ours − cast once (autocast casts per call)", cast_once=False)
