@@ -32,9 +32,9 @@ def _table_rows(text: str) -> dict:
 
 
 def test_gpu_check_dry_run_runs_every_case():
-    # 512 px, not the GPU run's 1024: the dry run is bf16 like the GPU run, and on a CPU without
+    # 256 px, not the GPU run's 1024: the dry run is bf16 like the GPU run, and on a CPU without
     # native bf16 (about 1 GFLOP/s) 4096-token attention alone would take minutes.
-    text = _run("gpu_check.py", "--dry-run", "--resolution", "512")
+    text = _run("gpu_check.py", "--dry-run", "--resolution", "256")
     rows = _table_rows(text)
     names = {"large: ours", "large: host TrainLoraNode mechanism", "large: ours, capped at 24 GB",
              "medium: ours", "medium: host TrainLoraNode mechanism"}
