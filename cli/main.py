@@ -116,11 +116,8 @@ def _run(args, plan, full) -> int:
     from .progress import HostProgress
     from .run import run_length, train_run
 
-    folder_paths.set_output_directory(plan.outputs.output_dir)
     main = distributed.is_main()
     plan = _for_device(plan)
-    if main:
-        comfy.utils.set_progress_bar_global_hook(HostProgress())
     dataset, summary = _build_dataset(plan)
     if main:
         log.info("dataset: %s", summary)
@@ -131,6 +128,11 @@ def _run(args, plan, full) -> int:
     if args.write_workflow:
         log.info("wrote %s", workflows.write(args.write_workflow, graph))
         return 0
+    # The host's process-wide settings change only once the run trains, so a refused or
+    # --write_workflow command line leaves an in-process host as it was.
+    folder_paths.set_output_directory(plan.outputs.output_dir)
+    if main:
+        comfy.utils.set_progress_bar_global_hook(HostProgress())
     model, clip, vae = models.load(loaders)
     path = train_run(plan, dataset, model, clip, vae, graph)
     if main:

@@ -111,16 +111,18 @@ def _stops_before_loading(result, code, *fragments):
     assert "model_type" not in result.stdout + result.stderr  # the host prints this when a model loads
 
 
-def test_bad_model_files_stop_before_any_model_loads(pack, dataset_dir, tmp_path, capsys):
-    """A missing and a non-SD3 checkpoint (the entry point called in-process; the subprocess
-    test below runs the script itself)."""
+def test_bad_model_files_stop_before_any_model_loads(pack, base_dir, sd35m_checkpoint, dataset_dir, tmp_path, capsys):
+    """A missing and a non-SD3 checkpoint, and a missing image folder (the entry point called
+    in-process; the subprocess test below runs the script itself)."""
     main = importlib.import_module(f"{pack.__name__}.cli.main").main
-    common = ["--train_data_dir", str(dataset_dir), *map(str, TINY), "--output_dir", str(tmp_path / "out"),
-              "--max_train_steps", "1"]
+    common = [*map(str, TINY), "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1"]
     wan = sd3_fixtures.write_non_sd3_unet(tmp_path / "wan.safetensors")
-    for path, fragments in ((tmp_path / "missing.safetensors", ("--pretrained_model_name_or_path", "no such file")),
-                            (wan, ("a video (Wan) model, not SD3", "pass an SD3 Medium"))):
-        assert main(["--pretrained_model_name_or_path", str(path), *common]) == 2
+    ckpt = base_dir / "models" / "checkpoints" / sd35m_checkpoint
+    for model, data, fragments in (
+            (tmp_path / "missing.safetensors", dataset_dir, ("--pretrained_model_name_or_path", "no such file")),
+            (wan, dataset_dir, ("a video (Wan) model, not SD3", "pass an SD3 Medium")),
+            (ckpt, tmp_path / "nope", ("--train_data_dir", "nope"))):
+        assert main(["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), *common]) == 2
         captured = capsys.readouterr()
         errors = [line for line in captured.err.splitlines() if "error:" in line]
         assert len(errors) == 1 and all(f in errors[0] for f in fragments), captured.err[-2000:]
@@ -133,8 +135,6 @@ def test_bad_input_stops_before_any_model_loads(base_dir, sd35m_checkpoint, data
     (tmp_path / "bad.toml").write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]\nimage_dir = 'x'\n")
     _stops_before_loading(run_cli(["--pretrained_model_name_or_path", ckpt, "--dataset_config", tmp_path / "bad.toml",
                                    *TINY[4:], *common]), 2, "--dataset_config", "TOML syntax error", "line 3")
-    _stops_before_loading(run_cli(["--pretrained_model_name_or_path", ckpt, "--train_data_dir", tmp_path / "nope",
-                                   *TINY, *common]), 2, "--train_data_dir", "nope")
 
 
 def test_rank_shard_splits_each_batch_and_pads_short_ones(pack):
