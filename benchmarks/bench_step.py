@@ -44,7 +44,7 @@ def parse_args(argv=None):
                    help="torch threads (default: torch's own). 1 avoids OpenMP spin-wait collapse when "
                         "other processes share the cores")
     p.add_argument("--profile", action="store_true",
-                   help="profile one step of ours (batch 1, in --profile-dtype) and exit")
+                   help="profile one step (batch 1, in --profile-dtype) of ours and of diffusers+PEFT and exit")
     p.add_argument("--profile-dtype", choices=("fp32", "bf16"), default=None,
                    help="precision of --profile (default: the fastest native one)")
     a = p.parse_args(argv)
@@ -90,6 +90,7 @@ def build_contestants(args, shape: Shape, inputs: C.Inputs, dtypes):
     Levers run in the fastest native dtype; the bf16-only levers (cast once, bf16-stored
     weights) only where bf16 is native.
     """
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit_mod
     from comfy.ldm.modules.attention import attention_pytorch
     from sd3_lora_trainer.trainer.config import TrainConfig
     log(f"building models: depth {shape.depth}")
@@ -100,6 +101,7 @@ def build_contestants(args, shape: Shape, inputs: C.Inputs, dtypes):
     dif = diffusers_sd3(shape, inputs.latents.shape[-1])
     n_peft = C.add_peft_lora(dif, args.rank)
     log(f"diffusers SD3Transformer2DModel: {count_params(dif) / 1e6:.0f} M params incl. LoRA, {n_peft} PEFT LoRA Linears")
+    host_attention = mmdit_mod.optimized_attention  # the host's choice for this device
     lever_dt = dtypes[-1]
     lever_bf16 = lever_dt == "bf16"
     bf16_mmdit = copy.deepcopy(mmdit).to(torch.bfloat16) if lever_bf16 and not args.no_levers else None
@@ -118,10 +120,11 @@ def build_contestants(args, shape: Shape, inputs: C.Inputs, dtypes):
         def lever(name, model=mmdit, dtype=cdt, **kw):
             out[f"{name}|{b}|{lever_dt}"] = C.Ours(model, inputs, b, lever_bf16, args.rank, dtype, **kw)
 
-        lever("ours + SDPA attention", attention=attention_pytorch)
-        if lever_bf16:  # and in fp32, the precision of mixed_precision no (diffusers uses SDPA in both)
-            out[f"ours + SDPA attention|{b}|fp32"] = C.Ours(mmdit, inputs, b, False, args.rank, cdt,
-                                                            attention=attention_pytorch)
+        if lever_bf16:  # in bf16 the trainer keeps the host's attention on the CPU
+            lever("ours + SDPA attention", attention=attention_pytorch)
+        # In fp32 it trains with SDPA there (nodes/host.py sdpa_for_training): the host's own, ablated.
+        out[f"ours − SDPA attention (host's attention)|{b}|fp32"] = C.Ours(mmdit, inputs, b, False, args.rank, cdt,
+                                                                           attention=host_attention)
         if lever_bf16:  # levers of bf16 autocast itself
             lever("ours, weights stored bf16", bf16_mmdit, torch.bfloat16)
             lever("ours − cast once (autocast casts per call)", cast_once=False)
@@ -195,25 +198,45 @@ def best_peer_ratios(med: dict, dt: str) -> dict:
     return out
 
 
-def profile(args, shape: Shape, inputs: C.Inputs) -> None:
-    """torch.profiler over one step of ours (batch 1): top ops by self CPU time."""
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear",
+              "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def _profiled_step(contestant):
+    """Self CPU time (µs) and calls per op of one step of ``contestant`` after two warm-up steps."""
     from torch.profiler import ProfilerActivity, profile as tprofile
-    dt = args.profile_dtype or native_dtypes()[-1]
-    log(f"profiling one step of ours in {dt}")
-    _, mp = build_ours_model(shape)
-    ours = C.Ours(mp.model.diffusion_model, inputs, 1, dt == "bf16", args.rank, compute_dtype(mp))
-    with ours.run():
+
+    with measure.run_of(contestant):
         for _ in range(2):
-            ours.step()
+            contestant.step()
         with tprofile(activities=[ProfilerActivity.CPU]) as prof:
-            ours.step()
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    print(events.table(sort_by="self_cpu_time_total", row_limit=25))
-    mm = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
-          "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::linear")
-    in_mm = sum(e.self_cpu_time_total for e in events if e.key in mm)
-    print(f"self CPU time in matmul/attention kernels: {100 * in_mm / total:.0f}% of {total / 1e6:.2f} s")
+            contestant.step()
+    return {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()}
+
+
+def profile(args, shape: Shape, inputs: C.Inputs) -> None:
+    """torch.profiler over one step (batch 1) of ours and of diffusers+PEFT: the ops by self CPU
+    time side by side, so the difference shows where it is."""
+    dt = args.profile_dtype or native_dtypes()[-1]
+    log(f"profiling one step of ours and of diffusers+PEFT in {dt}")
+    _, mp = build_ours_model(shape)
+    dif = diffusers_sd3(shape, inputs.latents.shape[-1])
+    C.add_peft_lora(dif, args.rank)
+    runs = {"ours": C.Ours(mp.model.diffusion_model, inputs, 1, dt == "bf16", args.rank, compute_dtype(mp)),
+            "diffusers+PEFT": C.DiffusersPeft(dif, inputs, 1, dt == "bf16", args.rank)}
+    ops = {name: _profiled_step(c) for name, c in runs.items()}
+    keys = sorted(set().union(*ops.values()), key=lambda k: -max(o.get(k, (0, 0))[0] for o in ops.values()))
+    print(f"| op | {' | '.join(f'{n} ms | {n} calls' for n in ops)} |")
+    print("|---|" + "---|---|" * len(ops))
+    for k in keys[:25]:
+        cells = " | ".join(f"{o.get(k, (0, 0))[0] / 1e3:.1f} | {o.get(k, (0, 0))[1]}" for o in ops.values())
+        print(f"| {k} | {cells} |")
+    for name, o in ops.items():
+        total = sum(t for t, _ in o.values())
+        in_mm = sum(o[k][0] for k in MATMUL_OPS if k in o)
+        print(f"{name}: {total / 1e6:.2f} s self CPU time, {100 * in_mm / total:.0f}% in matmul/attention kernels "
+              f"({in_mm / 1e6:.2f} s), the rest {(total - in_mm) / 1e6:.2f} s")
 
 
 def main(argv=None) -> None:

@@ -65,7 +65,8 @@ class Ours:
         mmdit: the (frozen) host MMDiT; shared with other ``Ours`` contestants, so the network is
             attached only inside this contestant's :meth:`run`.
         compute_dtype: the dtype the inputs are cast to (the host's compute dtype of the model).
-        attention: optional replacement for the host MMDiT's attention function (a lever).
+        attention: the MMDiT's attention function for a lever; None: what the train node uses
+            (PyTorch SDPA in fp32 on the CPU, the host's own choice otherwise; ``nodes/host.py``).
         cast_once: False is an ablation: frozen weights stay as stored and autocast casts them in
             every layer call (what the trainer did before it cast them once per run).
         config_overrides: further TrainConfig settings (e.g. ``split_qkv=True``).
@@ -90,16 +91,19 @@ class Ours:
         """The trainer's once-per-run set-up (plus any lever), entered untimed around the measured
         steps; the shared model is left as it was afterwards."""
         import comfy.ldm.modules.diffusionmodules.mmdit as mmdit_mod
+        from sd3_lora_trainer.nodes.host import attention_for_training, sdpa_for_training
         from sd3_lora_trainer.trainer.run import attached
 
         saved_attention = mmdit_mod.optimized_attention
-        if self.attention is not None:
-            mmdit_mod.optimized_attention = self.attention
+        sdpa = sdpa_for_training(self.config.mixed_precision, next(self.mmdit.parameters()).device, self.compute_dtype)
         try:
-            with attached(self.mmdit, self.state, self.data):
-                if not self.cast_once:
-                    self.network.uncast()
-                yield
+            with attention_for_training(sdpa and self.attention is None):
+                if self.attention is not None:
+                    mmdit_mod.optimized_attention = self.attention
+                with attached(self.mmdit, self.state, self.data):
+                    if not self.cast_once:
+                        self.network.uncast()
+                    yield
         finally:
             mmdit_mod.optimized_attention = saved_attention
 

@@ -118,7 +118,7 @@ def train_run(plan: Plan, dataset: TrainingData, model, clip, vae, workflow: Opt
     mmdit = host.require_sd3(model)
     host.check_resolution(mmdit, dataset.resolution)
     check_fp8_base(mmdit, config.fp8_base)
-    host.check_compile_attention(config)
+    host.check_compile_attention(config, model)
     slow = precision_warning(config.mixed_precision, model.load_device)
     if slow:
         log.warning("%s", slow)
@@ -168,7 +168,7 @@ def _steps(session, mmdit, model, clip, dataset, config, steps, length, extras, 
 
     try:
         extras.before()
-        with host.text_loras_attached(clip, text_networks):
+        with host.text_loras_attached(clip, text_networks), host.training_attention(model, config):
             train(mmdit, session.data, state, steps, dtype, on_step=after_step, encode_text=encode_text)
         extras.after()
     finally:

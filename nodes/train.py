@@ -87,7 +87,7 @@ class SD3LoraTrain:
         host.check_resolution(mmdit, dataset.resolution)
         check_sample_sizes(sampling, dataset.resolution, host.max_image_side(mmdit))
         check_fp8_base(mmdit, settings.fp8_base)
-        host.check_compile_attention(settings)
+        host.check_compile_attention(settings, model)
         key = f"node:{unique_id}"
         slow_dtype = precision_warning(settings.mixed_precision, model.load_device)
         if slow_dtype:
@@ -129,7 +129,7 @@ class SD3LoraTrain:
             t0 = time.perf_counter()
             try:
                 extras.before()
-                with host.text_loras_attached(clip, text_networks):
+                with host.text_loras_attached(clip, text_networks), host.training_attention(model, settings):
                     done = train(mmdit, session.data, session.state, steps, dtype, on_step=after_step,
                                  should_stop=comfy.model_management.processing_interrupted, encode_text=encode_text)
                 elapsed = time.perf_counter() - t0

@@ -181,6 +181,27 @@ def test_compiled_run_samples_eager_between_steps_and_trains_as_eager(N, pack, l
     assert all("forward" not in vars(block) for block in loaded[0].model.diffusion_model.joint_blocks)
 
 
+@pytest.mark.parametrize("mixed_precision,sdpa_calls", [("no", True), ("bf16", False)])
+def test_fp32_on_the_cpu_trains_with_sdpa_and_restores_the_hosts_attention(N, pack, loaded, dataset, monkeypatch,
+                                                                           mixed_precision, sdpa_calls):
+    """In fp32 on the CPU the MMDiT trains with PyTorch SDPA (faster and leaner there than the
+    host's chunked CPU attention); in bf16 with the host's own; the host's choice is back afterwards."""
+    import comfy.ldm.modules.attention as attention
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit_module
+
+    calls, real = [], attention.attention_pytorch
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "attention_pytorch", counted)
+    hosts_own = mmdit_module.optimized_attention
+    train(N, pack, loaded, dataset, 1, f"sdpa_{mixed_precision}", settings=config(pack, mixed_precision=mixed_precision))
+    assert bool(calls) == sdpa_calls
+    assert mmdit_module.optimized_attention is hosts_own
+
+
 def test_compile_with_checkpointing_needs_pytorch_attention(N, pack, loaded, dataset):
     # On the CPU the host's attention sizes its chunks from free memory at every call, which a
     # compiled, checkpointed block cannot replay: the node says how to get PyTorch attention.
@@ -188,7 +209,8 @@ def test_compile_with_checkpointing_needs_pytorch_attention(N, pack, loaded, dat
     import comfy.ldm.modules.diffusionmodules.mmdit as mmdit_module
 
     assert mmdit_module.optimized_attention is not attention.attention_pytorch
-    settings = config(pack, torch_compile=True, gradient_checkpointing=True)
+    # bf16: in fp32 on the CPU the trainer itself switches to SDPA (nodes/host.py sdpa_for_training).
+    settings = config(pack, torch_compile=True, gradient_checkpointing=True, mixed_precision="bf16")
     with pytest.raises(ValueError, match="--use-pytorch-cross-attention"):
         train(N, pack, loaded, dataset, 1, "compile_ckpt", settings=settings)
 
