@@ -94,18 +94,15 @@ class Ours:
         from sd3_lora_trainer.nodes.host import attention_for_training, sdpa_for_training
         from sd3_lora_trainer.trainer.run import attached
 
-        saved_attention = mmdit_mod.optimized_attention
         sdpa = sdpa_for_training(self.config.mixed_precision, next(self.mmdit.parameters()).device, self.compute_dtype)
-        try:
-            with attention_for_training(sdpa and self.attention is None):
-                if self.attention is not None:
-                    mmdit_mod.optimized_attention = self.attention
-                with attached(self.mmdit, self.state, self.data):
-                    if not self.cast_once:
-                        self.network.uncast()
-                    yield
-        finally:
-            mmdit_mod.optimized_attention = saved_attention
+        # attention_for_training restores the host's attention on exit, a lever's included.
+        with attention_for_training(sdpa and self.attention is None):
+            if self.attention is not None:
+                mmdit_mod.optimized_attention = self.attention
+            with attached(self.mmdit, self.state, self.data):
+                if not self.cast_once:
+                    self.network.uncast()
+                yield
 
     @property
     def compiled(self) -> bool:

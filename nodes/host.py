@@ -65,10 +65,15 @@ def attention_for_training(use_sdpa: bool):
         mmdit_module.optimized_attention = saved
 
 
+def _trains_with_sdpa(model, settings) -> bool:
+    """:func:`sdpa_for_training` for this MODEL and these settings."""
+    return sdpa_for_training(settings.mixed_precision, model.load_device, compute_dtype(model))
+
+
 def training_attention(model, settings):
     """:func:`attention_for_training` as :func:`sdpa_for_training` picks it for this MODEL and these
     settings (samples and validation made during training included)."""
-    return attention_for_training(sdpa_for_training(settings.mixed_precision, model.load_device, compute_dtype(model)))
+    return attention_for_training(_trains_with_sdpa(model, settings))
 
 
 def check_compile_attention(settings, model) -> None:
@@ -82,8 +87,7 @@ def check_compile_attention(settings, model) -> None:
     import comfy.ldm.modules.attention as attention
     import comfy.ldm.modules.diffusionmodules.mmdit as mmdit_module
 
-    sdpa = sdpa_for_training(settings.mixed_precision, model.load_device, compute_dtype(model))
-    if settings.torch_compile and settings.gradient_checkpointing and not sdpa and \
+    if settings.torch_compile and settings.gradient_checkpointing and not _trains_with_sdpa(model, settings) and \
             mmdit_module.optimized_attention is not attention.attention_pytorch:
         raise ValueError(f"torch_compile with gradient_checkpointing needs PyTorch attention, but this ComfyUI "
                          f"uses {mmdit_module.optimized_attention.__name__}: start ComfyUI with "

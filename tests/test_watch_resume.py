@@ -213,6 +213,13 @@ def test_compile_with_checkpointing_needs_pytorch_attention(N, pack, loaded, dat
     settings = config(pack, torch_compile=True, gradient_checkpointing=True, mixed_precision="bf16")
     with pytest.raises(ValueError, match="--use-pytorch-cross-attention"):
         train(N, pack, loaded, dataset, 1, "compile_ckpt", settings=settings)
+    # In fp32 the trainer's own SDPA is what the pair needs: it trains, through torch.compile.
+    import test_compile  # registers the "sd3lora_counting" backend
+
+    test_compile.GRAPHS.clear()
+    train(N, pack, loaded, dataset, 1, "compile_ckpt_fp32",
+          settings=config(pack, torch_compile=True, gradient_checkpointing=True, dynamo_backend="sd3lora_counting"))
+    assert test_compile.GRAPHS, "no joint block went through torch.compile"
 
 
 def test_save_writes_the_workflow_next_to_the_lora(N, straight, base_dir):
