@@ -125,6 +125,9 @@ def build_contestants(args, shape: Shape, inputs: C.Inputs, dtypes):
         # In fp32 it trains with SDPA there (nodes/host.py sdpa_for_training): the host's own, ablated.
         out[f"ours − SDPA attention (host's attention)|{b}|fp32"] = C.Ours(mmdit, inputs, b, False, args.rank, cdt,
                                                                            attention=host_attention)
+        # fp32 frozen Linears + LoRA as one node with the forward matmul in oneDNN (trainer/cpu_linear.py), ablated.
+        out[f"ours − fused oneDNN Linear (F.linear + LoRA)|{b}|fp32"] = C.Ours(mmdit, inputs, b, False, args.rank, cdt,
+                                                                              fused_cpu_linear=False)
         if lever_bf16:  # levers of bf16 autocast itself
             lever("ours, weights stored bf16", bf16_mmdit, torch.bfloat16)
             lever("ours − cast once (autocast casts per call)", cast_once=False)
@@ -141,6 +144,16 @@ def build_contestants(args, shape: Shape, inputs: C.Inputs, dtypes):
         out = {k: v for k, v in out.items() if any(s in k for s in keep)}
     out[peak_key(dtypes)] = C.Matmul(4096, torch.bfloat16 if dtypes[-1] == "bf16" else torch.float32)
     return out
+
+
+def eager_flops(compiled) -> float:
+    """FLOPs of one step of an eager twin of the ``compiled`` Ours contestant (same model and settings)."""
+    cfg = compiled.config
+    twin = C.Ours(compiled.mmdit, C.Inputs(compiled.data.latents, compiled.data.context, compiled.data.pooled),
+                  cfg.train_batch_size, cfg.mixed_precision == "bf16", cfg.network_dim, compiled.compute_dtype,
+                  attention=compiled.attention, gradient_checkpointing=cfg.gradient_checkpointing)
+    with measure.run_of(twin):
+        return measure.count_flops(twin.step)
 
 
 def print_table(args, contestants, flops, results, memory, dtypes):
@@ -199,6 +212,7 @@ def best_peer_ratios(med: dict, dt: str) -> dict:
 
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear",
+              "mkldnn::_linear_pointwise",  # the fp32 CPU forward of trainer/cpu_linear.py
               "aten::_scaled_dot_product_flash_attention_for_cpu",
               "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 
@@ -262,7 +276,8 @@ def main(argv=None) -> None:
         if getattr(c, "compiled", False):  # same math as the eager twin; compiled here, untimed
             name, b, dt = k.split("|")
             twin = f"ours + grad checkpointing|{b}|{dt}" if c.config.gradient_checkpointing else f"ours|{b}|{dt}"
-            flops[k] = flops.get(twin, flops[f"ours|{b}|{dt}"])  # checkpointing recomputes the forward
+            # checkpointing recomputes the forward; a twin left out by --only is counted on an eager copy
+            flops[k] = flops.get(twin) or flops.get(f"ours|{b}|{dt}") or eager_flops(c)
             t0 = time.perf_counter()
             with measure.run_of(c):
                 c.step()

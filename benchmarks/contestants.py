@@ -69,11 +69,14 @@ class Ours:
             (PyTorch SDPA in fp32 on the CPU, the host's own choice otherwise; ``nodes/host.py``).
         cast_once: False is an ablation: frozen weights stay as stored and autocast casts them in
             every layer call (what the trainer did before it cast them once per run).
+        fused_cpu_linear: False is an ablation: fp32 frozen Linears on the CPU run as PyTorch's
+            ``F.linear`` plus the separate LoRA update (``trainer/cpu_linear.py`` off).
         config_overrides: further TrainConfig settings (e.g. ``split_qkv=True``).
     """
 
     def __init__(self, mmdit, inputs: Inputs, batch: int, bf16: bool, rank: int = 16,
-                 compute_dtype=torch.float32, attention=None, cast_once: bool = True, **config_overrides):
+                 compute_dtype=torch.float32, attention=None, cast_once: bool = True,
+                 fused_cpu_linear: bool = True, **config_overrides):
         from sd3_lora_trainer.trainer.batches import EncodedData
         from sd3_lora_trainer.trainer.config import TrainConfig
         from sd3_lora_trainer.trainer.state import build_network, new_train_state
@@ -84,6 +87,7 @@ class Ours:
                                   mixed_precision="bf16" if bf16 else "no", **config_overrides).validate()
         self.data = EncodedData(inputs.latents, inputs.context, inputs.pooled)
         self.network = build_network(mmdit, self.config)
+        self.network.set_fused_cpu_linear(fused_cpu_linear)
         self.state = new_train_state(self.config, self.network)
 
     @contextlib.contextmanager

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import cpu_linear
 from .lora_targets import TargetSpec, select_targets
 from .precision import Saved, cast_frozen_layers, restore_layers
 
@@ -83,6 +84,8 @@ class LoRAModule(nn.Module):
         self.rank, self.alpha, self.splits = rank, float(alpha), splits
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
         self.generator: Optional[torch.Generator] = None
+        # False: never the fused fp32 CPU path of trainer/cpu_linear.py (the benchmark's ablation).
+        self.fused_cpu = True
 
     @property
     def scale(self) -> float:
@@ -183,7 +186,13 @@ class LoRAWrapper(nn.Module):
         self.multiplier = multiplier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., in] (or [B, C, H, W] for a conv) -> the base layer's output plus the update."""
+        """x: [..., in] (or [B, C, H, W] for a conv) -> the base layer's output plus the update.
+
+        A plain fp32 Linear on an x86 CPU runs as one node with its frozen matmul in oneDNN
+        (``trainer/cpu_linear.py``, the same function, faster there).
+        """
+        if cpu_linear.applies(self.base_layer, self.lora, x):
+            return cpu_linear.linear_with_lora(self.base_layer, self.lora, x, self.multiplier)
         return self.lora.delta(x, self.base_layer(x), self.multiplier)
 
 
@@ -263,6 +272,11 @@ class LoRANetwork(nn.Module):
     def uncast(self) -> None:
         """Put the stored weights back while staying attached (autocast then casts them per call)."""
         restore_layers(self._cast)
+
+    def set_fused_cpu_linear(self, on: bool) -> None:
+        """Allow (default) or forbid the fused fp32 CPU Linear of ``trainer/cpu_linear.py``."""
+        for m in self.loras.values():
+            m.fused_cpu = on
 
     def get_adapter_params(self) -> Dict[str, nn.Parameter]:
         """Trainable parameters by name (``<module>.downs.0`` ...)."""

@@ -1,0 +1,91 @@
+"""A frozen fp32 Linear and its LoRA on an x86 CPU as one autograd node, with the frozen matmul
+of the forward through oneDNN.
+
+Why: PyTorch computes an fp32 ``F.linear`` on the CPU with MKL's sgemm; oneDNN's inner product
+(``torch.ops.mkldnn._linear_pointwise``, what inductor uses for CPU linears) ran the same
+[256-666 tokens x 768-3072] products 13-30 % faster inside a training step on a 2-core AMD EPYC
+(Zen 2, AVX2), and that matmul is the largest single share of an fp32 step. The gradient of the
+input stays MKL's ``g @ W``: oneDNN's fast path wants the weight transposed, which would cost a
+second copy of every frozen weight. One node for base + LoRA also sums the two input gradients
+inside ``addmm_`` instead of a separate full-size add. See the README's fp32 lever table.
+
+Used only where it computes the same function: a plain Linear (no host weight patches or per-call
+casts) whose weight, input and LoRA are fp32 on the CPU, outside autocast and torch.compile,
+without dropouts; everywhere else :class:`trainer.lora.LoRAWrapper` runs the unfused formula.
+"""
+from __future__ import annotations
+
+import functools
+import platform
+
+import torch
+from torch import nn
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_linear_available() -> bool:
+    """This torch build has oneDNN's linear for x86 CPUs (not on ARM builds, whose oneDNN differs)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _plain_fp32_cpu_linear(base: nn.Module) -> bool:
+    """An nn.Linear with fp32 weights on the CPU that the host computes as plain ``F.linear``."""
+    if not isinstance(base, nn.Linear) or base.weight.device.type != "cpu" or base.weight.dtype != torch.float32:
+        return False
+    if getattr(base, "comfy_cast_weights", False):
+        return False
+    return not (getattr(base, "weight_function", None) or getattr(base, "bias_function", None))
+
+
+def applies(base: nn.Module, lora: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`linear_with_lora` computes ``base(x) + lora.delta(x)`` for this call.
+
+    ``lora`` is a :class:`trainer.lora.LoRAModule`; its ``fused_cpu`` flag turns the path off
+    (the benchmark's ablation).
+    """
+    if not getattr(lora, "fused_cpu", True) or lora.conv or lora.splits != 1:
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return False
+    if lora.training and (lora.dropout or lora.rank_dropout or lora.module_dropout):
+        return False
+    if lora.downs[0].dtype != torch.float32 or torch.compiler.is_compiling():
+        return False
+    return _plain_fp32_cpu_linear(base) and onednn_linear_available()
+
+
+class _LinearWithLoRA(torch.autograd.Function):
+    """y = x Wᵀ + b + s · (x Aᵀ) Bᵀ, with gradients for x, A (down) and B (up) only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, scale: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        lx = x2 @ down.t()
+        y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+        y.addmm_(lx, up.t(), alpha=scale)
+        ctx.save_for_backward(x2, weight, down, up, lx)
+        ctx.scale, ctx.in_shape = scale, x.shape
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, down, up, lx = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        d_lx = (g @ up).mul_(ctx.scale)  # the gradient of the rank activation, scale included
+        grad_up = (g.t() @ lx).mul_(ctx.scale)
+        grad_down = d_lx.t() @ x2
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ weight).addmm_(d_lx, down).view(ctx.in_shape)
+        return grad_x, None, None, grad_down, grad_up, None
+
+
+def linear_with_lora(base: nn.Linear, lora: nn.Module, x: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
+    """``base(x) + lora.delta(x) · multiplier`` as one autograd node; call only where :func:`applies`."""
+    return _LinearWithLoRA.apply(x, base.weight, base.bias, lora.downs[0], lora.ups[0], lora.scale * multiplier)
