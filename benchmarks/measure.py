@@ -87,9 +87,28 @@ def _register_cpu_sdpa_flops() -> None:
         return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+def _register_onednn_linear_flops() -> None:
+    """Nor does it know oneDNN's linear, the fp32 CPU forward of ``trainer/cpu_linear.py``:
+    2 x rows x in x out, as for ``aten.mm``."""
+    from torch.utils import flop_counter as fc
+
+    op = torch.ops.mkldnn._linear_pointwise
+    if op in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(op)
+    def _linear(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        rows = 1
+        for d in x_shape[:-1]:
+            rows *= d
+        return 2 * rows * x_shape[-1] * w_shape[0]
+
+
 def count_flops(step: Callable[[], object]) -> int:
     """FLOPs of one step (matmuls, convolutions, attention) as torch.utils.flop_counter counts them."""
     _register_cpu_sdpa_flops()
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        _register_onednn_linear_flops()
     with FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops()
