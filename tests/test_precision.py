@@ -148,9 +148,10 @@ def test_fused_cpu_linear_only_where_it_computes_the_same_function():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not cpu_linear.applies(base, lora, x)
     assert not cpu_linear.applies(base, lora, x.double())
-    patched = nn.Linear(96, 80)
+    patched = nn.Linear(96, 80).requires_grad_(False)
     patched.weight_function = [lambda w: w]
     assert not cpu_linear.applies(patched, lora, x)
+    assert not cpu_linear.applies(nn.Linear(96, 80), lora, x)  # a trainable weight would get no gradient
     lora.rank_dropout = 0.5
     assert not cpu_linear.applies(base, lora, x)  # dropouts draw masks the fused node has not
     lora.eval()
@@ -170,9 +171,10 @@ def test_fp32_training_with_the_fused_cpu_linear_follows_the_unfused_formula():
         state = new_train_state(cfg, build_network(model, cfg))
         state.network.set_fused_cpu_linear(fused)
         with attached(model, state, data):
-            wrapper = model.joint_blocks[0].x_block.attn.qkv
-            assert cpu_linear.applies(wrapper.base_layer, wrapper.lora, torch.zeros(1, 64)) == (
-                fused and cpu_linear.onednn_linear_available())
+            qkv = model.joint_blocks[0].x_block.attn.qkv
+            out = qkv(torch.zeros(1, qkv.base_layer.in_features, requires_grad=True))
+            assert (type(out.grad_fn).__name__ == "_LinearWithLoRABackward") == (
+                fused and cpu_linear.onednn_linear_available())  # the wrapper takes the fused node
             for _ in range(3):
                 training_step(model, data, state)
         runs.append((state.losses, {k: v.clone() for k, v in state.network.state_dict().items()}))

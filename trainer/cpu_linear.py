@@ -21,6 +21,8 @@ import platform
 import torch
 from torch import nn
 
+from .precision import has_host_patches
+
 
 @functools.lru_cache(maxsize=None)
 def onednn_linear_available() -> bool:
@@ -34,13 +36,14 @@ def onednn_linear_available() -> bool:
     return True
 
 
-def _plain_fp32_cpu_linear(base: nn.Module) -> bool:
-    """An nn.Linear with fp32 weights on the CPU that the host computes as plain ``F.linear``."""
+def _plain_frozen_fp32_cpu_linear(base: nn.Module) -> bool:
+    """A frozen nn.Linear with fp32 weights on the CPU that the host computes as plain ``F.linear``
+    (the fused node gives no gradient to the weight or bias)."""
     if not isinstance(base, nn.Linear) or base.weight.device.type != "cpu" or base.weight.dtype != torch.float32:
         return False
-    if getattr(base, "comfy_cast_weights", False):
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return False
-    return not (getattr(base, "weight_function", None) or getattr(base, "bias_function", None))
+    return not (getattr(base, "comfy_cast_weights", False) or has_host_patches(base))
 
 
 def applies(base: nn.Module, lora: nn.Module, x: torch.Tensor) -> bool:
@@ -49,7 +52,7 @@ def applies(base: nn.Module, lora: nn.Module, x: torch.Tensor) -> bool:
     ``lora`` is a :class:`trainer.lora.LoRAModule`; its ``fused_cpu`` flag turns the path off
     (the benchmark's ablation).
     """
-    if not getattr(lora, "fused_cpu", True) or lora.conv or lora.splits != 1:
+    if not lora.fused_cpu or lora.conv or lora.splits != 1:
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return False
@@ -57,7 +60,7 @@ def applies(base: nn.Module, lora: nn.Module, x: torch.Tensor) -> bool:
         return False
     if lora.downs[0].dtype != torch.float32 or torch.compiler.is_compiling():
         return False
-    return _plain_fp32_cpu_linear(base) and onednn_linear_available()
+    return _plain_frozen_fp32_cpu_linear(base) and onednn_linear_available()
 
 
 class _LinearWithLoRA(torch.autograd.Function):

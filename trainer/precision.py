@@ -24,6 +24,11 @@ def autocast(mixed_precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def has_host_patches(module: nn.Module) -> bool:
+    """The host applies weight or bias functions (patches) to this layer on every call."""
+    return bool(getattr(module, "weight_function", None) or getattr(module, "bias_function", None))
+
+
 def _castable(module: nn.Module, dtype: torch.dtype) -> bool:
     """An fp32 Linear/Conv2d, whose weight autocast would cast to 16-bit ``dtype`` on every call.
 
@@ -34,7 +39,7 @@ def _castable(module: nn.Module, dtype: torch.dtype) -> bool:
     """
     if not isinstance(module, (nn.Linear, nn.Conv2d)) or module.weight is None:
         return False
-    if getattr(module, "weight_function", None) or getattr(module, "bias_function", None):
+    if has_host_patches(module):
         return False
     return module.weight.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)
 
