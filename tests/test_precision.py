@@ -119,7 +119,8 @@ def _value_and_grads(base, lora, x, forward):
     for p in (lora.downs[0], lora.ups[0]):
         p.grad = None
     out = forward(x)
-    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype))
+    # Drawn in fp32 for every dtype: float64 draws other numbers from the same seed.
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype))
     return [t.detach().double() for t in (out, x.grad, lora.downs[0].grad, lora.ups[0].grad)]
 
 
