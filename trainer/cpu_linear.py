@@ -69,11 +69,6 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Te
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _grad_input(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``g @ weight`` in oneDNN, which reads ``weight.t()`` as a strided view (no copy of the weight)."""
-    return _onednn_linear(g, weight.t())
-
-
 class _LinearWithLoRA(torch.autograd.Function):
     """y = x Wᵀ + b + s · (x Aᵀ) Bᵀ, with gradients for x, A (down) and B (up) only."""
 
@@ -96,7 +91,8 @@ class _LinearWithLoRA(torch.autograd.Function):
         grad_down = d_lx.t() @ x2
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = _grad_input(g, weight).addmm_(d_lx, down).view(ctx.in_shape)
+            # g @ W: oneDNN reads W.t() as a strided view, with no copy of the weight
+            grad_x = _onednn_linear(g, weight.t()).addmm_(d_lx, down).view(ctx.in_shape)
         return grad_x, None, None, grad_down, grad_up, None
 
 
