@@ -12,6 +12,7 @@ from sd3_lora_trainer.trainer.batches import EncodedData
 from sd3_lora_trainer.trainer.config import LR_SCHEDULERS, OPTIMIZERS, TrainConfig
 from sd3_lora_trainer.trainer.loop import micro_step_loss, train
 from sd3_lora_trainer.trainer.optim import parse_optimizer_args
+from sd3_lora_trainer.trainer.run import attached
 from sd3_lora_trainer.trainer.schedules import build_scheduler
 from sd3_lora_trainer.trainer.state import build_network, new_train_state, next_batch
 from tiny_mmdit import tiny_mmdit
@@ -186,30 +187,43 @@ def test_gradient_accumulation_takes_one_optimizer_step_per_n_batches():
 
 # --- precision and memory
 
-def test_gradient_checkpointing_gives_the_same_loss_and_grads():
+@pytest.mark.parametrize("emb_dims", [None, "[2,2,2,2,2,2]"], ids=["blocks", "embedders_too"])
+def test_gradient_checkpointing_gives_the_same_loss_and_grads(emb_dims):
+    # With LoRA on the embedders the blocks' inputs (c among them, passed by keyword) carry
+    # gradients too, which must reach the embedders through the checkpointed blocks.
     model, data = tiny_mmdit(), _data()
-    cfg = TrainConfig(network_dim=4, seed=1).validate()
 
     def grads(checkpointing):
+        cfg = TrainConfig(network_dim=4, seed=1, emb_dims=emb_dims, gradient_checkpointing=checkpointing).validate()
         state = new_train_state(cfg, build_network(model, cfg))
         with torch.no_grad():
             for m in state.network.loras.values():
                 m.ups[0].normal_(std=0.05, generator=torch.Generator().manual_seed(0))
-        state.network.attach(model)
-        model.use_checkpoint = checkpointing
-        try:
-            loss = micro_step_loss(model, next_batch(state, data, 1), state, torch.float32)
+        saved = []
+        with attached(model, state, data):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+                loss = micro_step_loss(model, next_batch(state, data, 1), state, torch.float32)
             loss.backward()
-        finally:
-            model.use_checkpoint = False
-            state.network.detach()
-        return loss.detach(), torch.cat([p.grad.flatten() for p in state.network.parameters()])
+        grads = {n: p.grad for n, p in state.network.named_parameters()}
+        assert all(g is not None for g in grads.values())
+        return loss.detach(), torch.cat([g.flatten() for g in grads.values()]), sum(saved)
 
-    (l1, g1), (l2, g2) = grads(False), grads(True)
+    (l1, g1, saved1), (l2, g2, saved2) = grads(False), grads(True)
     torch.testing.assert_close(l1, l2)
     torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
-    state = _run(gradient_checkpointing=True, steps=1)
-    assert len(state.losses) == 1
+    assert saved2 < 0.5 * saved1  # the blocks really were checkpointed
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_gradient_checkpointing_recomputes_with_the_forwards_lora_dropouts(mixed_precision):
+    # The recomputation in backward must draw the forward's dropout masks (and leave the generator
+    # where the forward left it), or the gradients belong to other masks than the loss.
+    kw = dict(network_dropout=0.3, rank_dropout=0.2, module_dropout=0.3, mixed_precision=mixed_precision)
+    plain, checkpointed = _run(**kw), _run(gradient_checkpointing=True, **kw)
+    torch.testing.assert_close(torch.tensor(checkpointed.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_weights(checkpointed), _weights(plain), rtol=1e-4, atol=1e-6)
+    assert torch.equal(checkpointed.generator.get_state(), plain.generator.get_state())
+    assert not torch.equal(_weights(plain), _weights(_run(mixed_precision=mixed_precision)))  # the dropouts act
 
 
 def test_fp16_uses_a_grad_scaler_and_full_bf16_keeps_lora_in_bf16():

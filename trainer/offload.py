@@ -152,8 +152,8 @@ class BlockSwapper:
     Backward timing comes from a grad hook on each block's outputs: once all their gradients exist,
     the block above has finished its backward (swap it out) and this block's is about to run (wait
     for its weights). The last block's backward is waited for when the loss's gradient reaches it.
-    Blocks must not be re-run by a checkpoint wrapper outside them (the host MMDiT checkpoints
-    inside its blocks, which is fine).
+    Blocks must not be re-run by a checkpoint wrapper outside them (the trainer's checkpointing
+    wraps the blocks' forwards, inside the module call, which is fine).
     """
 
     def __init__(self, blocks: Sequence[nn.Module], blocks_to_swap: int, mover):

@@ -6,8 +6,8 @@ import contextlib
 from typing import List
 
 import torch
-import torch.utils.checkpoint
 
+from .grad_checkpoint import checkpointed
 from .offload import BlockSwapper, Mover
 from .pos_embed import PositionEmbedder
 from .precision import AUTOCAST_DTYPES
@@ -15,11 +15,12 @@ from .state import TrainState
 
 
 @contextlib.contextmanager
-def _gradient_checkpointing(mmdit: torch.nn.Module, enabled: bool):
-    """The host MMDiT's own per-block checkpointing, switched on for the run only."""
+def _host_checkpointing_off(mmdit: torch.nn.Module):
+    """The host MMDiT's own per-block checkpointing off for the run: the trainer checkpoints the
+    blocks itself (:mod:`trainer.grad_checkpoint`, which says why)."""
     previous = getattr(mmdit, "use_checkpoint", None)
     if previous is not None:
-        mmdit.use_checkpoint = enabled
+        mmdit.use_checkpoint = False
     try:
         yield
     finally:
@@ -48,35 +49,28 @@ def _block_swap(mmdit: torch.nn.Module, blocks_to_swap: int):
 
 
 @contextlib.contextmanager
-def _compiled_blocks(mmdit: torch.nn.Module, enabled: bool, backend: str, checkpointing: bool):
-    """sd-scripts' torch_compile for the run: each joint block's forward goes through
-    ``torch.compile``. Blocks of one shape share the compiled graph (their weights are graph
-    inputs), so a model compiles once or twice, on its first step; a new bucket shape compiles
-    again. The blocks' own forwards are back afterwards.
+def _block_forwards(mmdit: torch.nn.Module, state: TrainState):
+    """Each joint block's forward for the run: compiled (sd-scripts' torch_compile), recomputed in
+    backward (gradient_checkpointing), both, or as it is. The blocks' own forwards are back afterwards.
 
-    Dynamo cannot trace the host's checkpointing inside a block (it falls back to eager), so
-    with gradient checkpointing the compiled block is checkpointed from outside instead.
+    Compiled, blocks of one shape share the graph (their weights are graph inputs), so a model
+    compiles once or twice, on its first step; a new bucket shape compiles again.
     """
-    if not enabled:
+    cfg = state.config
+    if not (cfg.torch_compile or cfg.gradient_checkpointing):
         yield
         return
     blocks = list(mmdit.joint_blocks)
     for block in blocks:
-        compiled = torch.compile(block.forward, backend=backend)
-        block.forward = _checkpointed(compiled) if checkpointing else compiled
+        forward = torch.compile(block.forward, backend=cfg.dynamo_backend) if cfg.torch_compile else block.forward
+        if cfg.gradient_checkpointing:
+            forward = checkpointed(forward, state.generator, reentrant=not cfg.torch_compile)
+        block.forward = forward
     try:
         yield
     finally:
         for block in blocks:
             del block.forward  # the instance attribute; the class's forward shows through again
-
-
-def _checkpointed(forward):
-    """``forward`` recomputed in backward (non-reentrant checkpoint), the host's own checkpoint off."""
-    def run(*args, **kwargs):
-        kwargs["use_checkpoint"] = False
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return run
 
 
 def _latent_sizes(data) -> List[int]:
@@ -118,9 +112,8 @@ def attached(mmdit: torch.nn.Module, state: TrainState, data):
     state.network.attach(mmdit)
     state.network.train()
     try:
-        with _gradient_checkpointing(mmdit, cfg.gradient_checkpointing), positions.active(), \
-                _block_swap(mmdit, cfg.blocks_to_swap), \
-                _compiled_blocks(mmdit, cfg.torch_compile, cfg.dynamo_backend, cfg.gradient_checkpointing):
+        with _host_checkpointing_off(mmdit), positions.active(), _block_swap(mmdit, cfg.blocks_to_swap), \
+                _block_forwards(mmdit, state):
             yield
     finally:
         state.network.detach()
