@@ -92,6 +92,7 @@ def build_contestants(args, shape: Shape, inputs: C.Inputs, dtypes):
     """
     import comfy.ldm.modules.diffusionmodules.mmdit as mmdit_mod
     from comfy.ldm.modules.attention import attention_pytorch
+    from sd3_lora_trainer.trainer import cpu_linear
     from sd3_lora_trainer.trainer.config import TrainConfig
     log(f"building models: depth {shape.depth}")
     sd, mp = build_ours_model(shape)
@@ -125,9 +126,14 @@ def build_contestants(args, shape: Shape, inputs: C.Inputs, dtypes):
         # In fp32 it trains with SDPA there (nodes/host.py sdpa_for_training): the host's own, ablated.
         out[f"ours − SDPA attention (host's attention)|{b}|fp32"] = C.Ours(mmdit, inputs, b, False, args.rank, cdt,
                                                                            attention=host_attention)
-        # fp32 frozen Linears + LoRA as one node with the forward matmul in oneDNN (trainer/cpu_linear.py), ablated.
-        out[f"ours − fused oneDNN Linear (F.linear + LoRA)|{b}|fp32"] = C.Ours(mmdit, inputs, b, False, args.rank, cdt,
-                                                                              fused_cpu_linear=False)
+        # fp32 frozen Linears + LoRA as one node (trainer/cpu_linear.py), ablated; and its frozen
+        # products in the library the trainer does not pick on this CPU's make.
+        out[f"ours − fused CPU Linear (F.linear + LoRA)|{b}|fp32"] = C.Ours(mmdit, inputs, b, False, args.rank, cdt,
+                                                                           fused_cpu_linear=False)
+        if cpu_linear.onednn_linear_available():
+            other = not cpu_linear.frozen_matmuls_in_onednn()
+            out[f"ours, fused Linear in {'oneDNN' if other else 'MKL'} instead|{b}|fp32"] = C.Ours(
+                mmdit, inputs, b, False, args.rank, cdt, cpu_linear_onednn=other)
         if lever_bf16:  # levers of bf16 autocast itself
             lever("ours, weights stored bf16", bf16_mmdit, torch.bfloat16)
             lever("ours − cast once (autocast casts per call)", cast_once=False)
@@ -212,7 +218,7 @@ def best_peer_ratios(med: dict, dt: str) -> dict:
 
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear",
-              "mkldnn::_linear_pointwise",  # the fp32 CPU forward of trainer/cpu_linear.py
+              "mkldnn::_linear_pointwise",  # the fp32 CPU frozen products of trainer/cpu_linear.py (oneDNN)
               "aten::_scaled_dot_product_flash_attention_for_cpu",
               "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 

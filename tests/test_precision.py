@@ -124,14 +124,19 @@ def _value_and_grads(base, lora, x, forward):
     return [t.detach().double() for t in (out, x.grad, lora.downs[0].grad, lora.ups[0].grad)]
 
 
-@pytest.mark.skipif(not cpu_linear.onednn_linear_available(), reason="oneDNN's linear is x86-only")
-def test_fused_cpu_linear_is_as_close_to_float64_as_the_unfused_formula():
-    """Value and every gradient: the fused node's error against float64 is no larger than (2x) the
-    error of fp32 autograd through the unfused formula."""
+@pytest.mark.skipif(not cpu_linear.on_x86(), reason="the fused node is for x86 CPUs")
+@pytest.mark.parametrize("onednn", [False, True], ids=["MKL", "oneDNN"])
+def test_fused_cpu_linear_is_as_close_to_float64_as_the_unfused_formula(onednn):
+    """Value and every gradient, with the frozen products in either library (the trainer picks one
+    by the CPU's make): the fused node's error against float64 is no larger than (2x) the error of
+    fp32 autograd through the unfused formula."""
+    if onednn and not cpu_linear.onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN linear")
     base, lora = _linear_and_lora()
     x = torch.randn(3, 37, 96)
     assert cpu_linear.applies(base, lora, x)
-    fused = _value_and_grads(base, lora, x, lambda t: cpu_linear.linear_with_lora(base, lora, t, 0.7))
+    with cpu_linear.forced_library(onednn):
+        fused = _value_and_grads(base, lora, x, lambda t: cpu_linear.linear_with_lora(base, lora, t, 0.7))
     unfused = _value_and_grads(base, lora, x, lambda t: lora.delta(t, base(t), 0.7))
     base64 = nn.Linear(96, 80).double().requires_grad_(False)
     base64.load_state_dict({k: v.double() for k, v in base.state_dict().items()})
@@ -156,9 +161,24 @@ def test_fused_cpu_linear_only_where_it_computes_the_same_function():
     lora.rank_dropout = 0.5
     assert not cpu_linear.applies(base, lora, x)  # dropouts draw masks the fused node has not
     lora.eval()
-    assert cpu_linear.applies(base, lora, x) == cpu_linear.onednn_linear_available()
+    assert cpu_linear.applies(base, lora, x) == cpu_linear.on_x86()
     lora.fused_cpu = False
     assert not cpu_linear.applies(base, lora, x)
+
+
+def test_fused_cpu_linear_runs_in_mkl_on_intel_and_in_onednn_elsewhere(monkeypatch):
+    """MKL is the faster library on Intel CPUs, oneDNN on AMD ones (README, fp32 levers); a forced
+    library holds only inside its block."""
+    for vendor, onednn in (("GenuineIntel", False), ("AuthenticAMD", True), ("", True)):
+        monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda v=vendor: v)
+        cpu_linear._onednn_on_this_cpu.cache_clear()
+        assert cpu_linear.frozen_matmuls_in_onednn() == (onednn and cpu_linear.onednn_linear_available()), vendor
+        with cpu_linear.forced_library(False):
+            assert not cpu_linear.frozen_matmuls_in_onednn()
+        assert cpu_linear.frozen_matmuls_in_onednn() == (onednn and cpu_linear.onednn_linear_available())
+    cpu_linear._onednn_on_this_cpu.cache_clear()
+    monkeypatch.undo()
+    assert cpu_linear.cpu_vendor() in ("GenuineIntel", "AuthenticAMD", "") or not cpu_linear.on_x86()
 
 
 def test_fp32_training_with_the_fused_cpu_linear_follows_the_unfused_formula():
@@ -175,7 +195,7 @@ def test_fp32_training_with_the_fused_cpu_linear_follows_the_unfused_formula():
             qkv = model.joint_blocks[0].x_block.attn.qkv
             out = qkv(torch.zeros(1, qkv.base_layer.in_features, requires_grad=True))
             assert (type(out.grad_fn).__name__ == "_LinearWithLoRABackward") == (
-                fused and cpu_linear.onednn_linear_available())  # the wrapper takes the fused node
+                fused and cpu_linear.on_x86())  # the wrapper takes the fused node
             for _ in range(3):
                 training_step(model, data, state)
         runs.append((state.losses, {k: v.clone() for k, v in state.network.state_dict().items()}))

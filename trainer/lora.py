@@ -188,8 +188,8 @@ class LoRAWrapper(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] (or [B, C, H, W] for a conv) -> the base layer's output plus the update.
 
-        A plain fp32 Linear on an x86 CPU runs as one node with its frozen matmul in oneDNN
-        (``trainer/cpu_linear.py``, the same function, faster there).
+        A plain fp32 Linear on an x86 CPU runs as one node with its frozen matmuls in the faster
+        library for the CPU (``trainer/cpu_linear.py``, the same function, faster there).
         """
         if cpu_linear.applies(self.base_layer, self.lora, x):
             return cpu_linear.linear_with_lora(self.base_layer, self.lora, x, self.multiplier)
