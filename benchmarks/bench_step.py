@@ -130,6 +130,8 @@ def build_contestants(args, shape: Shape, inputs: C.Inputs, dtypes):
         # products in the library the trainer does not pick on this CPU's make.
         out[f"ours − fused CPU Linear (F.linear + LoRA)|{b}|fp32"] = C.Ours(mmdit, inputs, b, False, args.rank, cdt,
                                                                            fused_cpu_linear=False)
+        out[f"ours − qkv split by unbind (host's split_qkv)|{b}|fp32"] = C.Ours(mmdit, inputs, b, False, args.rank, cdt,
+                                                                            host_split_qkv=True)
         if cpu_linear.onednn_linear_available():
             other = not cpu_linear.frozen_matmuls_in_onednn()
             out[f"ours, fused Linear in {'oneDNN' if other else 'MKL'} instead|{b}|fp32"] = C.Ours(

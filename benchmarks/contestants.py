@@ -71,6 +71,8 @@ class Ours:
             every layer call (what the trainer did before it cast them once per run).
         fused_cpu_linear: False is an ablation: fp32 frozen Linears on the CPU run as PyTorch's
             ``F.linear`` plus the separate LoRA update (``trainer/cpu_linear.py`` off).
+        host_split_qkv: True is an ablation: q, k, v split by the host's ``split_qkv`` (indexing)
+            instead of the trainer's ``unbind`` (``nodes/host.py`` split_qkv_by_unbind).
         cpu_linear_onednn: True/False runs that node's frozen products in oneDNN/MKL whatever the
             CPU's make (the lever of the library choice); None: the trainer's choice.
         config_overrides: further TrainConfig settings (e.g. ``split_qkv=True``).
@@ -78,14 +80,15 @@ class Ours:
 
     def __init__(self, mmdit, inputs: Inputs, batch: int, bf16: bool, rank: int = 16,
                  compute_dtype=torch.float32, attention=None, cast_once: bool = True,
-                 fused_cpu_linear: bool = True, cpu_linear_onednn=None, **config_overrides):
+                 fused_cpu_linear: bool = True, cpu_linear_onednn=None, host_split_qkv: bool = False,
+                 **config_overrides):
         from sd3_lora_trainer.trainer.batches import EncodedData
         from sd3_lora_trainer.trainer.config import TrainConfig
         from sd3_lora_trainer.trainer.state import build_network, new_train_state
 
         self.mmdit, self.compute_dtype = mmdit, compute_dtype
         self.attention, self.cast_once = attention, cast_once
-        self.cpu_linear_onednn = cpu_linear_onednn
+        self.cpu_linear_onednn, self.host_split_qkv = cpu_linear_onednn, host_split_qkv
         self.config = TrainConfig(network_dim=rank, network_alpha=float(rank), train_batch_size=batch,
                                   mixed_precision="bf16" if bf16 else "no", **config_overrides).validate()
         self.data = EncodedData(inputs.latents, inputs.context, inputs.pooled)
@@ -103,10 +106,13 @@ class Ours:
         from sd3_lora_trainer.trainer.run import attached
 
         sdpa = sdpa_for_training(self.config.mixed_precision, next(self.mmdit.parameters()).device, self.compute_dtype)
+        hosts_split = mmdit_mod.split_qkv  # outside attention_for_training: the host's own
         # attention_for_training restores the host's attention on exit, a lever's included.
         with attention_for_training(sdpa and self.attention is None):
             if self.attention is not None:
                 mmdit_mod.optimized_attention = self.attention
+            if self.host_split_qkv:
+                mmdit_mod.split_qkv = hosts_split
             library = (contextlib.nullcontext() if self.cpu_linear_onednn is None
                        else cpu_linear.forced_library(self.cpu_linear_onednn))
             with attached(self.mmdit, self.state, self.data), library:

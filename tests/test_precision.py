@@ -1,5 +1,7 @@
 """Speed levers that must not change results: frozen weights cast once per run, the LoRA update
-fused into the up matmul, the fused fp32 CPU Linear, and fused AdamW."""
+fused into the up matmul, the fused fp32 CPU Linear, fused AdamW, and q, k, v split by unbind."""
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -203,3 +205,31 @@ def test_fp32_training_with_the_fused_cpu_linear_follows_the_unfused_formula():
     torch.testing.assert_close(torch.tensor(losses_f), torch.tensor(losses_u), atol=1e-5, rtol=1e-5)
     for k in weights_f:
         torch.testing.assert_close(weights_f[k], weights_u[k], atol=1e-4, rtol=0)
+
+
+def test_qkv_split_by_unbind_trains_bitwise_the_same_and_the_hosts_split_is_restored():
+    """Training swaps the host MMDiT's ``split_qkv`` (whose indexing zero-fills a qkv-sized gradient
+    per q, k and v) for one ``unbind``: three fp32 steps give bitwise the same losses and LoRA
+    weights, the swapped function is the one used, and the host's is back afterwards."""
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit_module
+    from sd3_lora_trainer.nodes.host import attention_for_training, split_qkv_by_unbind
+
+    hosts_own = mmdit_module.split_qkv
+    qkv = torch.randn(2, 7, 3 * 4 * 8, requires_grad=True)
+    for mine, theirs in zip(split_qkv_by_unbind(qkv, 8), hosts_own(qkv, 8)):
+        assert torch.equal(mine, theirs) and mine.shape == theirs.shape == (2, 7, 4, 8)
+    runs = []
+    for swapped in (True, False):
+        model, data = tiny_mmdit(qk_norm=True, attn2_layers=(0,)), _data()
+        cfg = TrainConfig(seed=1, learning_rate=1e-2, network_dim=8).validate()
+        state = new_train_state(cfg, build_network(model, cfg))
+        with attention_for_training(False) if swapped else contextlib.nullcontext():
+            assert (mmdit_module.split_qkv is split_qkv_by_unbind) == swapped
+            with attached(model, state, data):
+                for _ in range(3):
+                    training_step(model, data, state)
+        assert mmdit_module.split_qkv is hosts_own
+        runs.append((state.losses, state.network.state_dict()))
+    (losses_s, weights_s), (losses_h, weights_h) = runs
+    assert losses_s == losses_h
+    assert all(torch.equal(weights_s[k], weights_h[k]) for k in weights_h)
