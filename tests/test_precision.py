@@ -1,6 +1,7 @@
 """Speed levers that must not change results: frozen weights cast once per run, the LoRA update
 fused into the up matmul, the fused fp32 CPU Linear, fused AdamW, and q, k, v split by unbind."""
 import contextlib
+import sys
 
 import pytest
 import torch
@@ -180,7 +181,8 @@ def test_fused_cpu_linear_runs_in_mkl_on_intel_and_in_onednn_elsewhere(monkeypat
         assert cpu_linear.frozen_matmuls_in_onednn() == (onednn and cpu_linear.onednn_linear_available())
     cpu_linear._onednn_on_this_cpu.cache_clear()
     monkeypatch.undo()
-    assert cpu_linear.cpu_vendor() in ("GenuineIntel", "AuthenticAMD", "") or not cpu_linear.on_x86()
+    if sys.platform.startswith("linux") and cpu_linear.on_x86():
+        assert cpu_linear.cpu_vendor(), "no vendor_id read from /proc/cpuinfo"
 
 
 def test_fp32_training_with_the_fused_cpu_linear_follows_the_unfused_formula():
@@ -218,6 +220,7 @@ def test_qkv_split_by_unbind_trains_bitwise_the_same_and_the_hosts_split_is_rest
     qkv = torch.randn(2, 7, 3 * 4 * 8, requires_grad=True)
     for mine, theirs in zip(split_qkv_by_unbind(qkv, 8), hosts_own(qkv, 8)):
         assert torch.equal(mine, theirs) and mine.shape == theirs.shape == (2, 7, 4, 8)
+        assert type(mine.grad_fn).__name__ == "UnbindBackward0"  # not select: no zero-filled gradients
     runs = []
     for swapped in (True, False):
         model, data = tiny_mmdit(qk_norm=True, attn2_layers=(0,)), _data()
