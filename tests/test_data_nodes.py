@@ -121,7 +121,9 @@ def test_caching_progress_and_cancel_keep_finished_entries(N, pack, loaded, tmp_
 
     def hook(value, total, preview, node_id=None):
         seen.append((value, total))
-        if (value, total) == (2, 5):
+        # Cancel at the first update: newer hosts (0.33.0 here) throttle the later ones (ProgressBar), so
+        # a later update may never reach the hook; the first always does.
+        if (value, total) == (1, 5):
             comfy.model_management.interrupt_current_processing(True)  # what the Cancel button does
 
     counting = Counting(vae, "encode")
@@ -132,10 +134,10 @@ def test_caching_progress_and_cancel_keep_finished_entries(N, pack, loaded, tmp_
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         comfy.model_management.interrupt_current_processing(False)
-    assert seen == [(1, 5), (2, 5)] and counting.calls == 2
+    assert seen == [(1, 5)] and counting.calls == 1
     again = Counting(vae, "encode")
     assert train(N, pack, model, clip, again, dataset, 1, "data-cancel")[1].step == 1
-    assert again.calls == 3  # only the images not cached before Cancel
+    assert again.calls == 4  # only the images not cached before Cancel
 
 
 def test_images_from_the_graph(N, pack, loaded):
