@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     latent = args.resolution // 8
     base = Shape.sd35_medium(pos_max=max(32, latent // 2))
     shape = Shape(args.depth, base.qk_norm, tuple(i for i in base.attn2_layers if i < args.depth), base.pos_max)
-    rss_imports = measure.rss_mb()
+    rss_imports, file_imports = measure.rss_mb(), measure.rss_file_mb()
     t0 = time.perf_counter()
     mmdit = host_mmdit(shape, torch.bfloat16, manual_cast=args.fp8_base)
     n_params = count_params(mmdit)
@@ -108,7 +108,8 @@ def main(argv=None) -> None:
           f"frozen weights {'float8 (joint blocks)' if args.fp8_base else 'bf16'}, "
           f"{cfg.optimizer_type}{', full_bf16' if cfg.full_bf16 else ''}{', SDPA' if args.sdpa else ''}, "
           f"{seconds:.1f} s/step, loss {state.losses[-1]:.4f}")
-    print(f"RSS after imports {rss_imports:.0f} MB, after building model + LoRA {rss_built:.0f} MB")
+    print(f"RSS after imports {rss_imports:.0f} MB ({file_imports:.0f} MB of it file-backed library pages, "
+          f"more when the page cache holds the libraries whole), after building model + LoRA {rss_built:.0f} MB")
     print(f"peak RSS while training {peak:.0f} MB = {peak / weights_mb:.2f} x the bf16 frozen weights "
           f"({weights_mb:.0f} MB); without the process's import baseline: "
           f"{(peak - rss_imports) / weights_mb:.2f} x")

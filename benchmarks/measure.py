@@ -31,6 +31,18 @@ def rss_mb() -> float:
     return _status_mb("VmRSS")
 
 
+def rss_file_mb() -> float:
+    """The file-backed part of the resident set, MB: pages of mapped files, mostly the shared
+    libraries of torch (and, with a CUDA build, of CUDA) and triton.
+
+    How many of a library's pages count depends on the page cache, not on this process: a fault
+    maps the cached neighbours of the faulting page too, so the same imports hold more when the
+    page cache holds the libraries whole (right after pip installed them) than when it holds only
+    what processes read from them.
+    """
+    return _status_mb("RssFile")
+
+
 def reset_peak_rss() -> None:
     """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux ≥ 4.0)."""
     with open("/proc/self/clear_refs", "w") as f:

@@ -74,6 +74,10 @@ def test_step_benchmark_prints_its_table_and_ratio():
         peers = min(float(rows[f"{p}|1|{dt}"][3]) for p in ("host TrainLoraNode mechanism", "diffusers+PEFT"))
         expected = float(rows[f"ours|1|{dt}"][3]) / peers
         assert float(best[0].split("=")[1].split()[0]) == pytest.approx(expected, rel=0.05)  # s/step has 3 decimals
+        # One round: its own ratio is the whole round-by-round range.
+        spread = re.search(r"round by round: batch 1 (\d+\.\d+)-(\d+\.\d+)\)$", best[0])
+        assert spread, best[0]
+        assert float(spread.group(1)) == float(spread.group(2)) == pytest.approx(expected, abs=0.006 + 0.05 * expected)
     assert lines[-1].startswith(f"ratio_vs_best_peer_{dtypes[-1]}="), lines[-1]
 
 
@@ -84,3 +88,5 @@ def test_memory_benchmark_prints_its_ratio():
     assert "live tensors at the step's peak" in text
     ratio = re.search(r"^peak_rss_vs_bf16_weights=(\d+\.\d+)$", text, re.M)
     assert ratio and float(ratio.group(1)) > 0, text
+    imports = re.search(r"^RSS after imports (\d+) MB \((\d+) MB of it file-backed library pages", text, re.M)
+    assert imports and 0 < int(imports.group(2)) < int(imports.group(1)), text
