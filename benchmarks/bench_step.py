@@ -164,6 +164,9 @@ def eager_flops(compiled) -> float:
         return measure.count_flops(twin.step)
 
 
+PEERS = ("host TrainLoraNode mechanism", "diffusers+PEFT")  # the two peers ours is measured against
+
+
 def print_table(args, contestants, flops, results, memory, dtypes):
     """The results table; ratios against the host mechanism at the same batch and dtype."""
     from sd3_lora_trainer.trainer.precision import matmul_slowdown
@@ -209,8 +212,6 @@ def print_table(args, contestants, flops, results, memory, dtypes):
                   f"({', '.join(f'batch {b}: {r:.3f}' for b, r in sorted(best.items()))}; "
                   f"round by round: {', '.join(f'batch {b} {lo:.2f}-{hi:.2f}' for b, (lo, hi) in sorted(spread.items()))})")
 
-
-PEERS = ("host TrainLoraNode mechanism", "diffusers+PEFT")
 
 
 def best_peer_ratios(med: dict, dt: str) -> dict:

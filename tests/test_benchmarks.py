@@ -3,6 +3,7 @@
 Not benchmarks themselves (nothing here looks at a time): ``scripts/gpu_check.sh`` can only be
 run where a GPU is lent, so a script that broke since would only show there, on borrowed time.
 """
+import json
 import re
 import subprocess
 import sys
@@ -79,6 +80,25 @@ def test_step_benchmark_prints_its_table_and_ratio():
         assert spread, best[0]
         assert float(spread.group(1)) == float(spread.group(2)) == pytest.approx(expected, abs=0.006 + 0.05 * expected)
     assert lines[-1].startswith(f"ratio_vs_best_peer_{dtypes[-1]}="), lines[-1]
+
+
+def test_round_ratio_spread_pairs_each_round_with_the_faster_peer():
+    """The range is ours ÷ the faster peer (by median) round by round, lowest first; the one-round
+    benchmark run above cannot tell a wrong peer or a swapped range apart."""
+    code = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from bench_step import round_ratio_spread
+steps = {"ours|1|fp32": [1.0, 3.0, 2.0], "diffusers+PEFT|1|fp32": [2.0, 2.0, 2.0],
+         "host TrainLoraNode mechanism|1|fp32": [5.0, 4.0, 6.0]}
+results = {k: [{"s": s} for s in v] for k, v in steps.items()}
+med = {k: sorted(v)[1] for k, v in steps.items()}
+print(json.dumps(round_ratio_spread(results, med, "fp32")))
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(BENCH)], capture_output=True, text=True,
+                         cwd=BENCH.parent, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"1": [0.5, 1.5]}
 
 
 def test_memory_benchmark_prints_its_ratio():
